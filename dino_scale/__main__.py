@@ -1,0 +1,3 @@
+from dino_scale.cli import main
+
+main()

@@ -1,0 +1,337 @@
+"""DINO training: one loop for every backend.
+
+    python -m dino_scale.train --config configs/vits16.json [--output-dir DIR] [--set key=value ...] [--resume]
+
+The loop reads top to bottom like the method: augment -> teacher sees the globals, student sees all crops ->
+centred & sharpened cross-entropy -> student step -> teacher EMA. Everything hardware-specific sits behind
+`Backend` (see backends.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import click
+import torch
+from torch import nn
+
+from dino_scale import checkpoint as ckpt
+from dino_scale.augment import MultiCropAugmentation, eval_transform
+from dino_scale.backends import Backend, make_backend
+from dino_scale.config import TrainConfig, load_config
+from dino_scale.data import count_samples, expand_shards, make_eval_loader, make_train_loader
+from dino_scale.knn import extract_features, knn_accuracy
+from dino_scale.loss import DINOLoss
+from dino_scale.metrics import MetricsWriter, Progress, setup_logging
+from dino_scale.models import build_student_teacher, create_backbone, update_teacher
+from dino_scale.schedules import build_schedules
+
+log = logging.getLogger("dino_scale")
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced NaN/inf; the message names the step and the quantity. No checkpoint is written after it."""
+
+
+def _describe_non_finite(step: int, **tensors: torch.Tensor) -> str:
+    bad = [name for name, value in tensors.items() if not torch.isfinite(value).all()]
+    return f"step {step}: non-finite {', '.join(bad) or 'value'}; stopping (the last checkpoint is untouched)"
+
+
+@dataclass
+class DataPlan:
+    urls: list[str]
+    samples_per_epoch: int
+    global_batch: int
+    steps_per_epoch: int
+
+
+def plan_data(cfg: TrainConfig, world_size: int) -> DataPlan:
+    urls = expand_shards(cfg.data.train_shards)
+    samples = cfg.data.samples_per_epoch or count_samples(urls)
+    global_batch = cfg.global_batch_size(world_size)
+    steps = samples // global_batch
+    if steps == 0:
+        raise ValueError(
+            f"data.train_shards={cfg.data.train_shards!r} holds {samples} samples per epoch, fewer than one global "
+            f"batch of {global_batch} (micro batch {cfg.micro_batch_size} x accumulation "
+            f"{cfg.grad_accumulation_steps} x {world_size} processes)"
+        )
+    return DataPlan(urls, samples, global_batch, steps)
+
+
+def make_augmentation(cfg: TrainConfig) -> MultiCropAugmentation:
+    return MultiCropAugmentation(
+        global_size=cfg.data.global_crop_size,
+        local_size=cfg.data.local_crop_size,
+        n_local=cfg.data.local_crops_number,
+        global_scale=tuple(cfg.data.global_crops_scale),
+        local_scale=tuple(cfg.data.local_crops_scale),
+    )
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Run (or resume) training as the recipe says; returns the final metrics record."""
+    backend: Backend = make_backend(cfg)
+    main_process = backend.is_main_process()
+    setup_logging(main_process)
+    out_dir = cfg.resolved_output_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+
+    plan = plan_data(cfg, backend.world_size)
+    student, teacher = build_student_teacher(cfg.model)
+    if cfg.model.init_backbone:
+        weights = ckpt.extract_backbone_state_dict(cfg.model.init_backbone)
+        for network in (student, teacher):
+            ckpt.load_backbone_weights(network.backbone, weights, source=cfg.model.init_backbone)
+        log.info("backbones initialised from %s", cfg.model.init_backbone)
+    student_module = backend.prepare(student)
+    teacher.to(backend.device)
+    loss_fn = DINOLoss(cfg.model.out_dim, 2, cfg.dino.student_temp, cfg.dino.center_momentum).to(backend.device)
+    schedules = build_schedules(cfg, plan.steps_per_epoch, plan.global_batch)
+    augmentation = make_augmentation(cfg)
+    accumulation = cfg.grad_accumulation_steps
+    last_step = min(schedules.total_steps, cfg.max_steps or schedules.total_steps)
+
+    step = 0
+    epoch, start_batch = 0, 0
+    latest = ckpt.find_latest_checkpoint(out_dir) if resume else None
+    if resume and latest is None:
+        log.warning("--resume: no checkpoint in %s, starting from scratch", out_dir)
+    if latest is not None:
+        state = backend.load(latest)
+        teacher.load_state_dict(state["teacher"])
+        loss_fn.center.copy_(state["center"])
+        step = int(state["step"])
+        epoch, start_batch = int(state["data_position"]["epoch"]), int(state["data_position"]["batch"])
+        set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", latest, step, epoch, start_batch)
+    if main_process:
+        ckpt.atomic_write_text(out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+        log.info(
+            "%s: %d samples/epoch, global batch %d, %d steps/epoch, %d epochs, device %s, backend %s",
+            cfg.name,
+            plan.samples_per_epoch,
+            plan.global_batch,
+            plan.steps_per_epoch,
+            cfg.epochs,
+            backend.device,
+            backend.name,
+        )
+
+    def save(at_step: int, at_epoch: int, at_batch: int) -> None:
+        state = {
+            "teacher": teacher.state_dict(),
+            "center": loss_fn.center,
+            "step": at_step,
+            "data_position": {
+                "epoch": at_epoch,
+                "batch": at_batch,
+                "samples_seen": at_step * plan.global_batch,
+            },
+            "rng": rng_state(),
+            "config": cfg.to_dict(),
+        }
+        path = backend.save(out_dir, at_step, state, cfg.keep_checkpoints)
+        log.info("checkpoint %s", path)
+
+    metrics = MetricsWriter(out_dir / "metrics.jsonl" if main_process else None)
+    progress = Progress(last_step, step, plan.global_batch, enabled=main_process)
+    skipped_total = 0
+    record: dict[str, Any] = {}
+    window_start, window_steps, window_loss = time.monotonic(), 0, 0.0
+    saved_step = step if latest is not None else -1
+
+    while step < last_step:
+        loader = make_train_loader(
+            plan.urls,
+            augmentation,
+            cfg.micro_batch_size,
+            plan.steps_per_epoch * accumulation,
+            epoch,
+            cfg.seed,
+            start_batch=start_batch,
+            num_workers=cfg.data.num_workers,
+            rank=backend.rank,
+            world_size=backend.world_size,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            pin_memory=backend.device.type == "cuda",
+        )
+        for batch_index, batch in enumerate(loader, start=start_batch):
+            if batch.skipped:
+                skipped_total += len(batch.skipped)
+                log.warning("skipped %d unreadable sample(s): %s", len(batch.skipped), ", ".join(batch.skipped))
+            views = augmentation.to_model_input(batch.views, backend.device)
+            with backend.autocast():
+                teacher_output = teacher(views[:2])  # the teacher sees the two global crops only
+                student_output = student_module(views)
+            loss, stats = loss_fn(student_output, teacher_output, float(schedules.teacher_temp[step]))
+            if not math.isfinite(loss.item()):
+                raise NonFiniteError(
+                    _describe_non_finite(
+                        step,
+                        student_output=student_output,
+                        teacher_output=teacher_output,
+                        center=loss_fn.center,
+                        loss=loss,
+                    )
+                )
+            backend.backward(loss / accumulation)
+            window_loss += loss.item() / accumulation
+            if (batch_index + 1) % accumulation:
+                continue
+
+            epoch_progress = step / plan.steps_per_epoch
+            grad_norm = backend.optimizer_step(
+                float(schedules.lr[step]),
+                float(schedules.weight_decay[step]),
+                freeze_last_layer=epoch_progress < cfg.optim.freeze_last_layer,
+            )
+            if not cfg.fp16 and not torch.isfinite(grad_norm):
+                raise NonFiniteError(_describe_non_finite(step, gradient_norm=grad_norm))
+            update_teacher(teacher, backend.student_weight_groups(), float(schedules.momentum[step]))
+            step += 1
+            window_steps += 1
+
+            if step % cfg.log_every == 0 or step == last_step:
+                elapsed = time.monotonic() - window_start
+                record = {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": window_loss / window_steps,
+                    "lr": float(schedules.lr[step - 1]),
+                    "wd": float(schedules.weight_decay[step - 1]),
+                    "momentum": float(schedules.momentum[step - 1]),
+                    "teacher_temp": float(schedules.teacher_temp[step - 1]),
+                    "teacher_entropy": stats.teacher_entropy.item(),
+                    "kl": stats.kl.item(),
+                    "grad_norm": grad_norm.item(),
+                    "images_per_s": window_steps * plan.global_batch / max(elapsed, 1e-9),
+                    "skipped_samples": skipped_total,
+                }
+                metrics.write(record)
+                progress.update(window_steps, record)
+                window_start, window_steps, window_loss = time.monotonic(), 0, 0.0
+
+            at_epoch_end = (batch_index + 1) == plan.steps_per_epoch * accumulation
+            position = (epoch + 1, 0) if at_epoch_end else (epoch, batch_index + 1)
+            if step % cfg.checkpoint_every == 0 or step == last_step:
+                save(step, *position)
+                saved_step = step
+            if step >= last_step:
+                break
+        epoch, start_batch = epoch + 1, 0
+
+    progress.close()
+    if saved_step != step:  # e.g. resumed at the very end: still leave a checkpoint for this state
+        save(step, epoch, start_batch)
+    if main_process:
+        ckpt.save_safetensors(
+            {k: v.detach().cpu() for k, v in teacher.backbone.state_dict().items()},
+            out_dir / "teacher_backbone.safetensors",
+            metadata={
+                "arch": cfg.model.arch,
+                "timm_kwargs": json.dumps(cfg.model.timm_kwargs),
+                "step": str(step),
+            },
+        )
+        final_eval = evaluate_knn_vs_random(cfg, teacher.backbone, backend.device)
+        if final_eval:
+            record = {**record, **final_eval}
+            metrics.write({"step": step, "event": "final_knn", **final_eval})
+            ckpt.atomic_write_text(out_dir / "knn.json", json.dumps(final_eval, indent=2) + "\n")
+    metrics.close()
+    return record
+
+
+def evaluate_knn_vs_random(cfg: TrainConfig, backbone: nn.Module, device: torch.device) -> dict[str, float]:
+    """k-NN top-1 of the trained backbone next to a randomly initialised one of the same architecture."""
+    ev = cfg.eval
+    if not (ev.knn_train_shards and ev.knn_val_shards):
+        return {}
+    transform = eval_transform(ev.image_size)
+    train_urls, val_urls = expand_shards(ev.knn_train_shards), expand_shards(ev.knn_val_shards)
+
+    def top1(model: nn.Module) -> float:
+        model = model.to(device)
+        train_features, train_labels = extract_features(
+            model, make_eval_loader(train_urls, transform, ev.batch_size, cfg.data.num_workers), device
+        )
+        val_features, val_labels = extract_features(
+            model, make_eval_loader(val_urls, transform, ev.batch_size, cfg.data.num_workers), device
+        )
+        return knn_accuracy(train_features, train_labels, val_features, val_labels, ev.knn_k, ev.knn_temperature)[
+            "top1"
+        ]
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        random_backbone = create_backbone(cfg.model.arch, 0.0, **cfg.model.timm_kwargs)
+    result = {"knn_top1_teacher": top1(backbone), "knn_top1_random_init": top1(random_backbone)}
+    log.info(
+        "k-NN top-1 on %s (k=%d): trained teacher %.1f%%  vs  random init %.1f%%",
+        ev.knn_val_shards,
+        ev.knn_k,
+        result["knn_top1_teacher"],
+        result["knn_top1_random_init"],
+    )
+    print(
+        f"k-NN top-1 (k={ev.knn_k}) on held-out {ev.knn_val_shards}: "
+        f"trained teacher {result['knn_top1_teacher']:.1f}% | random init {result['knn_top1_random_init']:.1f}%",
+        flush=True,
+    )
+    return result
+
+
+@click.command("train", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", required=True, help="Recipe JSON, or a shipped recipe name (vits16.json).")
+@click.option("--output-dir", type=click.Path(file_okay=False), help="Run directory (default runs/<name>).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a dotted key; repeatable.")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in the run directory.")
+@click.option("--local_rank", "--local-rank", "local_rank", type=int, hidden=True, help="Set by launchers.")
+def train_command(
+    config_path: str, output_dir: str | None, overrides: tuple[str, ...], resume: bool, local_rank: int | None
+) -> None:
+    """Train DINO as the recipe says (one process here; the same module is what deepspeed/torchrun launch)."""
+    from dino_scale.config import ConfigError
+
+    all_overrides = list(overrides) + ([f"output_dir={json.dumps(output_dir)}"] if output_dir else [])
+    try:
+        cfg = load_config(config_path, all_overrides)
+        train(cfg, resume=resume)
+    except (
+        ConfigError,
+        FileNotFoundError,
+        ValueError,
+        NotImplementedError,
+        NonFiniteError,
+        ckpt.CheckpointError,
+    ) as error:
+        raise click.ClickException(str(error)) from None
+
+
+def main() -> None:
+    train_command(prog_name="python -m dino_scale.train")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Create .venv (once) and install dino-scale with its dev tools into it. Safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+# The torch pair is pinned so that a fresh machine installs the same build that the tests were run with.
+.venv/bin/pip install --quiet --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
+.venv/bin/pip install --quiet --disable-pip-version-check -e ".[dev]"

@@ -1,0 +1,111 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from dino_scale.config import ConfigError, load_config, resolve_config_path, shipped_recipes_dir
+
+RECIPES = sorted(p.name for p in shipped_recipes_dir().glob("*.json"))
+
+
+def write(tmp_path: Path, content: dict) -> Path:
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(content))
+    return path
+
+
+MINIMAL = {"deepspeed": {"train_micro_batch_size_per_gpu": 4}}
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_shipped_recipe_validates(name: str) -> None:
+    cfg = load_config(name)
+    assert cfg.micro_batch_size >= 1
+
+
+def test_paper_recipes_are_shipped() -> None:
+    assert {"vits16.json", "vits8.json", "vitb16.json", "vitb8.json", "resnet50.json"} <= set(RECIPES)
+    cfg = load_config("vits16.json")
+    assert (cfg.dino.student_temp, cfg.dino.center_momentum, cfg.model.out_dim) == (0.1, 0.9, 65536)
+    assert (cfg.optim.weight_decay, cfg.optim.weight_decay_end, cfg.clip_grad) == (0.04, 0.4, 3.0)
+
+
+def test_bare_name_resolves_to_shipped_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config_path("vitb8.json") == shipped_recipes_dir() / "vitb8.json"
+    assert resolve_config_path("vitb8") == shipped_recipes_dir() / "vitb8.json"
+    (tmp_path / "vitb8.json").write_text(json.dumps(MINIMAL))
+    assert resolve_config_path("vitb8.json") == Path("vitb8.json")  # a file where the user stands wins
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found: .*nope.json"):
+        load_config(tmp_path / "nope.json")
+
+
+def test_dotted_overrides_reach_nested_values(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL)
+    cfg = load_config(path, ["optim.lr=1e-3", "deepspeed.zero_optimization.stage=3", "max_steps=5", "backend=local"])
+    assert cfg.optim.lr == 1e-3
+    assert cfg.deepspeed["zero_optimization"] == {"stage": 3}
+    assert (cfg.max_steps, cfg.backend) == (5, "local")
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "fragment"),
+    [
+        ("optim.lrr=1", "optim.lrr", "unknown key"),
+        ('epochs="ten"', "epochs", "valid integer"),
+        ("optim.lr=-1", "optim.lr", "greater than 0"),
+        ('model.use_bn_in_head="yes"', "model.use_bn_in_head", "boolean"),
+        ("backend=mpi", "backend", "'local'"),
+        (
+            "deepspeed.train_micro_batch_size_per_gpu=0",
+            "deepspeed.train_micro_batch_size_per_gpu",
+            "positive",
+        ),
+        ("data.local_crops_scale=[0.5,0.1]", "local_crops_scale", "0 < min <= max <= 1"),
+    ],
+)
+def test_bad_values_name_file_and_key(tmp_path: Path, override: str, key: str, fragment: str) -> None:
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, [override])
+    message = str(info.value)
+    assert str(path) in message and key in message and fragment in message
+
+
+def test_unknown_key_in_file(tmp_path: Path) -> None:
+    path = write(tmp_path, {**MINIMAL, "model": {"archh": "vit_small_patch16_224"}})
+    with pytest.raises(ConfigError, match=r"model\.archh: unknown key"):
+        load_config(path)
+
+
+def test_invalid_json_and_bad_override_syntax(tmp_path: Path) -> None:
+    path = tmp_path / "broken.json"
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="broken.json is not valid JSON"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(write(tmp_path, MINIMAL), ["optim.lr"])
+
+
+def test_micro_batch_is_required_and_precisions_exclusive(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu is required"):
+        load_config(write(tmp_path, {"deepspeed": {}}))
+    both = {
+        "deepspeed": {
+            "train_micro_batch_size_per_gpu": 2,
+            "bf16": {"enabled": True},
+            "fp16": {"enabled": True},
+        }
+    }
+    with pytest.raises(ConfigError, match="cannot both be true"):
+        load_config(write(tmp_path, both))
+
+
+def test_global_batch_is_micro_times_accumulation_times_world(tmp_path: Path) -> None:
+    cfg = load_config(
+        write(tmp_path, {"deepspeed": {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 4}})
+    )
+    assert cfg.global_batch_size(world_size=2) == 64
