@@ -176,3 +176,20 @@ def test_cli_errors_are_clear(tmp_path: Path) -> None:
 def test_too_little_data_for_one_batch_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="fewer than one global batch of 8"):
         train(tiny(tmp_path, "data.samples_per_epoch=7"))
+
+
+def test_demo_recipe_loss_falls_and_teacher_beats_random_init_on_knn(tmp_path: Path) -> None:
+    """The README's demo, end to end: the same recipe, shards and k-NN evaluation (about 3-4 minutes on 2 cores)."""
+    repo_paths = [
+        f"data.train_shards={json.dumps(SAMPLE_TRAIN)}",
+        f"eval.knn_train_shards={json.dumps(SAMPLE_TRAIN)}",
+        f"eval.knn_val_shards={json.dumps(str(REPO / 'shards/sample/val'))}",
+        f"output_dir={json.dumps(str(tmp_path))}",
+    ]
+    cfg = load_config("demo.json", repo_paths)
+    final = train(cfg)
+    losses = [r["loss"] for r in read_metrics(tmp_path) if "loss" in r]
+    assert len(losses) == cfg.max_steps // cfg.log_every
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.5
+    assert final["knn_top1_teacher"] > final["knn_top1_random_init"] + 3.0, final
+    assert json.loads((tmp_path / "knn.json").read_text())["knn_top1_teacher"] == final["knn_top1_teacher"]
