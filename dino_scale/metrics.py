@@ -41,10 +41,9 @@ class Progress:
     `update` is called once per logged step with the number of steps advanced and the current metrics.
     """
 
-    def __init__(self, total: int, initial: int, unit_images: int, enabled: bool = True) -> None:
+    def __init__(self, total: int, initial: int, enabled: bool = True) -> None:
         self.total = total
         self.done = initial
-        self.unit_images = unit_images
         self.enabled = enabled
         self.interactive = enabled and sys.stderr.isatty()
         self.start_time = time.monotonic()

@@ -112,7 +112,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     accumulation = cfg.grad_accumulation_steps
     last_step = min(schedules.total_steps, cfg.max_steps or schedules.total_steps)
 
-    step = 0
+    step, skipped_total = 0, 0
     epoch, start_batch = 0, 0
     latest = ckpt.find_latest_checkpoint(out_dir) if resume else None
     if resume and latest is None:
@@ -122,6 +122,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         teacher.load_state_dict(state["teacher"])
         loss_fn.center.copy_(state["center"])
         step = int(state["step"])
+        skipped_total = int(state.get("skipped_samples", 0))
         epoch, start_batch = int(state["data_position"]["epoch"]), int(state["data_position"]["batch"])
         set_rng_state(state["rng"])
         log.info("resumed from %s at step %d (epoch %d, batch %d)", latest, step, epoch, start_batch)
@@ -149,17 +150,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
                 "samples_seen": at_step * plan.global_batch,
             },
             "rng": rng_state(),
+            "skipped_samples": skipped_total,
             "config": cfg.to_dict(),
         }
         path = backend.save(out_dir, at_step, state, cfg.keep_checkpoints)
         log.info("checkpoint %s", path)
 
     metrics = MetricsWriter(out_dir / "metrics.jsonl" if main_process else None)
-    progress = Progress(last_step, step, plan.global_batch, enabled=main_process)
-    skipped_total = 0
+    progress = Progress(last_step, step, enabled=main_process)
     record: dict[str, Any] = {}
     window_start, window_steps, window_loss = time.monotonic(), 0, 0.0
-    saved_step = step if latest is not None else -1
 
     while step < last_step:
         loader = make_train_loader(
@@ -236,14 +236,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             position = (epoch + 1, 0) if at_epoch_end else (epoch, batch_index + 1)
             if step % cfg.checkpoint_every == 0 or step == last_step:
                 save(step, *position)
-                saved_step = step
             if step >= last_step:
                 break
         epoch, start_batch = epoch + 1, 0
 
     progress.close()
-    if saved_step != step:  # e.g. resumed at the very end: still leave a checkpoint for this state
-        save(step, epoch, start_batch)
     if main_process:
         ckpt.save_safetensors(
             {k: v.detach().cpu() for k, v in teacher.backbone.state_dict().items()},

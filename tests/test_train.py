@@ -138,38 +138,18 @@ def test_corrupt_sample_is_skipped_counted_and_training_goes_on(tmp_path: Path, 
 
 
 def test_cli_errors_are_clear(tmp_path: Path) -> None:
-    runner = CliRunner()
+    def invoke_train(*args: str):
+        return CliRunner().invoke(cli, ["train", "--output-dir", str(tmp_path / "run"), *args])
+
     missing = str(tmp_path / "nothing-{000..003}.tar")
-    result = runner.invoke(
-        cli,
-        [
-            "train",
-            "--config",
-            "tiny-test.json",
-            "--set",
-            f"data.train_shards={missing}",
-            "--output-dir",
-            str(tmp_path / "run"),
-        ],
-    )
+    result = invoke_train("--config", "tiny-test.json", "--set", f"data.train_shards={missing}")
     assert result.exit_code != 0
     assert "nothing-{000..003}.tar" in result.output
-    result = runner.invoke(cli, ["train", "--config", str(tmp_path / "absent.json")])
+    result = invoke_train("--config", str(tmp_path / "absent.json"))
     assert result.exit_code != 0 and "config file not found" in result.output and "absent.json" in result.output
-    result = runner.invoke(cli, ["train", "--config", "tiny-test.json", "--set", "optim.lr=0"])
+    result = invoke_train("--config", "tiny-test.json", "--set", "optim.lr=0")
     assert result.exit_code != 0 and "optim.lr" in result.output
-    result = runner.invoke(
-        cli,
-        [
-            "train",
-            "--config",
-            "tiny-test.json",
-            "--set",
-            "backend=deepspeed",
-            "--output-dir",
-            str(tmp_path / "run"),
-        ],
-    )
+    result = invoke_train("--config", "tiny-test.json", "--set", "backend=deepspeed")
     assert result.exit_code != 0 and "backend='deepspeed'" in result.output
 
 
