@@ -48,6 +48,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
+from dino_scale.checkpoint import atomic_write_text
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ShardWriteReport",
@@ -358,9 +360,7 @@ def _slug(text: str, limit: int = 64) -> str:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=isinstance(obj, dict)) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=isinstance(obj, dict)) + "\n")
 
 
 def write_shards(
