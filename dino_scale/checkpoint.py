@@ -21,6 +21,7 @@ import math
 import operator
 import os
 import re
+import shutil
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -49,7 +50,9 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_SUBDIR = "checkpoints"
 LATEST_FILE = "latest.json"
 TEACHER_BACKBONE_FILE = "teacher_backbone.safetensors"
-_STEP_FILE_RE = re.compile(r"^step_(\d+)\.pt$")
+# A checkpoint is a file `step_N.pt` (single-process / DDP) or a folder `step_N` (sharded backends).
+_STEP_FILE_RE = re.compile(r"^step_(\d+)(\.pt)?$")
+_STAGING_SUFFIX = ".partial"
 # Temp files start with "." and end with ".tmp" so that no glob/regex for final names can ever match them.
 _TMP_SUFFIX = ".tmp"
 
@@ -180,15 +183,65 @@ def _check_weights_only_loadable(obj: Any, where: str) -> None:
 
 
 def _step_files(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    """All final ``step_*.pt`` files in ``ckpt_dir`` as (step, path), sorted by step (numerically)."""
+    """All final ``step_*.pt`` files and ``step_*`` folders in ``ckpt_dir`` as (step, path), sorted by step."""
     if not ckpt_dir.is_dir():
         return []
     found = []
     for entry in ckpt_dir.iterdir():
         match = _STEP_FILE_RE.match(entry.name)
-        if match and entry.is_file():
+        if match and (entry.is_file() if match.group(2) else entry.is_dir()):
             found.append((int(match.group(1)), entry))
     return sorted(found)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _prune(ckpt_dir: Path, keep: Path, keep_last: int) -> None:
+    """Delete all but the ``keep_last`` newest checkpoints (never ``keep``), and debris of interrupted saves."""
+    if keep_last > 0:
+        others = [p for _, p in _step_files(ckpt_dir) if p != keep]
+        for stale in others[: max(0, len(others) - (keep_last - 1))]:
+            _remove(stale)
+    # Temp files and staging folders left behind by a hard kill (SIGKILL, power loss) would otherwise pile up.
+    for leftover in ckpt_dir.glob(f".step_*{_TMP_SUFFIX}"):
+        leftover.unlink(missing_ok=True)
+    for leftover in ckpt_dir.glob(f".{LATEST_FILE}.*{_TMP_SUFFIX}"):
+        leftover.unlink(missing_ok=True)
+
+
+def checkpoint_dir_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINT_SUBDIR / f"step_{step:08d}"
+
+
+def checkpoint_staging_dir(run_dir: str | Path, step: int) -> Path:
+    """Where a folder checkpoint is written before it is renamed into place (never matched as a checkpoint)."""
+    return Path(run_dir) / CHECKPOINT_SUBDIR / f".step_{step:08d}{_STAGING_SUFFIX}"
+
+
+def commit_checkpoint_dir(staging: Path, final: Path, keep_last: int = 3) -> Path:
+    """Move a fully written staging folder to its final name, then point ``latest.json`` at it.
+
+    The rename is atomic, so a folder under a ``step_N`` name is always complete; ``latest.json`` moves only after
+    it. Call from one process, after every writer has finished (a barrier).
+    """
+    if final.exists():  # re-saving the same step (e.g. after resuming exactly there): replace it
+        _remove(final)
+    for written in staging.rglob("*"):
+        if written.is_file():
+            with open(written, "rb") as f:
+                os.fsync(f.fileno())
+    os.replace(staging, final)
+    _fsync_dir(final.parent)
+    atomic_write_text(final.parent / LATEST_FILE, json.dumps({"step": int(final.name[5:]), "file": final.name}) + "\n")
+    _prune(final.parent, final, keep_last)
+    for leftover in final.parent.glob(f".step_*{_STAGING_SUFFIX}"):
+        _remove(leftover)
+    return final
 
 
 def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep_last: int = 3) -> Path:
@@ -217,15 +270,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep_
     # The step file is complete and durable before latest.json moves, so latest.json never names a torn file.
     atomic_write_text(ckpt_dir / LATEST_FILE, json.dumps({"step": step, "file": name}) + "\n")
 
-    if keep_last > 0:
-        others = [p for _, p in _step_files(ckpt_dir) if p != path]
-        for stale in others[: max(0, len(others) - (keep_last - 1))]:
-            stale.unlink(missing_ok=True)
-    # Temp files left behind by a hard kill (SIGKILL, power loss) of an earlier save would otherwise pile up.
-    for leftover in ckpt_dir.glob(f".step_*{_TMP_SUFFIX}"):
-        leftover.unlink(missing_ok=True)
-    for leftover in ckpt_dir.glob(f".{LATEST_FILE}.*{_TMP_SUFFIX}"):
-        leftover.unlink(missing_ok=True)
+    _prune(ckpt_dir, path, keep_last)
     return path
 
 
@@ -240,7 +285,7 @@ def _read_latest_json(ckpt_dir: Path) -> Path | None:
     if not isinstance(name, str) or not _STEP_FILE_RE.match(name):
         return None
     path = ckpt_dir / name
-    return path if path.is_file() else None
+    return path if path.exists() else None
 
 
 def find_latest_checkpoint(run_dir: str | Path) -> Path | None:

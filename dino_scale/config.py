@@ -9,6 +9,7 @@ precision, clipping) so that each of those numbers lives in one place, and hand 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +41,9 @@ class ModelConfig(_Strict):
     head_layers: int = Field(3, ge=1)
     use_bn_in_head: bool = False
     norm_last_layer: bool = True
+    grad_checkpointing: bool = False
+    """Recompute the student's backbone blocks in backward (timm's set_grad_checkpointing): less activation memory
+    for about a third more compute; what lets ViT-B/8 fit a useful per-GPU batch."""
     init_backbone: str | None = None
     """Start student and teacher backbones from these weights: one of our runs / checkpoints / safetensors, or an
     official facebookresearch/dino checkpoint (full or backbone-only). The head starts fresh."""
@@ -101,6 +105,25 @@ class EvalConfig(_Strict):
     batch_size: int = Field(128, gt=0)
 
 
+_AUTOCAST_DTYPES = {
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "torch.bfloat16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "torch.float16": "float16",
+}
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    micro_batch: int
+    """Samples per process per forward."""
+    accumulation_steps: int
+    global_batch: int
+    """Samples per optimizer step over all processes: micro_batch x accumulation_steps x world size."""
+
+
 class TrainConfig(_Strict):
     name: str = "dino"
     """Run name; the default output directory is runs/<name>."""
@@ -126,7 +149,7 @@ class TrainConfig(_Strict):
     @model_validator(mode="after")
     def _check_deepspeed_block(self) -> TrainConfig:
         ds = self.deepspeed
-        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
             value = ds.get(key, 1)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"deepspeed.{key} must be a positive integer, got {value!r}")
@@ -135,12 +158,18 @@ class TrainConfig(_Strict):
         clip = ds.get("gradient_clipping", 0.0)
         if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
             raise ValueError(f"deepspeed.gradient_clipping must be a number >= 0, got {clip!r}")
-        for key in ("bf16", "fp16"):
+        for key in ("bf16", "fp16", "torch_autocast"):
             block = ds.get(key, {})
             if not isinstance(block, dict) or not isinstance(block.get("enabled", False), bool):
                 raise ValueError(f'deepspeed.{key} must be an object like {{"enabled": true}}, got {block!r}')
-        if self.bf16 and self.fp16:
-            raise ValueError("deepspeed.bf16.enabled and deepspeed.fp16.enabled cannot both be true")
+        autocast_dtype = ds.get("torch_autocast", {}).get("dtype", "bfloat16")
+        if autocast_dtype not in _AUTOCAST_DTYPES:
+            raise ValueError(
+                f"deepspeed.torch_autocast.dtype must be one of {sorted(_AUTOCAST_DTYPES)}, got {autocast_dtype!r}"
+            )
+        enabled = [k for k in ("bf16", "fp16", "torch_autocast") if ds.get(k, {}).get("enabled", False)]
+        if len(enabled) > 1:
+            raise ValueError(f"deepspeed: only one of bf16 / fp16 / torch_autocast may be enabled, got {enabled}")
         if self.optim.min_lr > self.optim.lr:
             raise ValueError(f"optim.min_lr ({self.optim.min_lr}) exceeds optim.lr ({self.optim.lr})")
         return self
@@ -151,23 +180,58 @@ class TrainConfig(_Strict):
         return int(self.deepspeed["train_micro_batch_size_per_gpu"])
 
     @property
-    def grad_accumulation_steps(self) -> int:
-        return int(self.deepspeed.get("gradient_accumulation_steps", 1))
-
-    @property
     def clip_grad(self) -> float:
         return float(self.deepspeed.get("gradient_clipping", 0.0))
 
     @property
+    def autocast_dtype(self) -> str | None:
+        """'bfloat16', 'float16' or None. DeepSpeed's `torch_autocast` keeps fp32 weights (what the EMA wants);
+        its `bf16` / `fp16` modes keep low-precision weights with fp32 master copies in the optimizer."""
+        ds = self.deepspeed
+        if ds.get("torch_autocast", {}).get("enabled", False):
+            return _AUTOCAST_DTYPES[ds["torch_autocast"].get("dtype", "bfloat16")]
+        if ds.get("bf16", {}).get("enabled", False):
+            return "bfloat16"
+        if ds.get("fp16", {}).get("enabled", False):
+            return "float16"
+        return None
+
+    @property
     def bf16(self) -> bool:
-        return bool(self.deepspeed.get("bf16", {}).get("enabled", False))
+        return self.autocast_dtype == "bfloat16"
 
     @property
     def fp16(self) -> bool:
-        return bool(self.deepspeed.get("fp16", {}).get("enabled", False))
+        return self.autocast_dtype == "float16"
 
-    def global_batch_size(self, world_size: int) -> int:
-        return self.micro_batch_size * self.grad_accumulation_steps * world_size
+    @property
+    def zero_stage(self) -> int:
+        return int(self.deepspeed.get("zero_optimization", {}).get("stage", 0))
+
+    def batch_plan(self, world_size: int) -> BatchPlan:
+        """Micro batch, accumulation steps and global batch for `world_size` processes, resolved as DeepSpeed does:
+        `train_batch_size` (the global batch), when the recipe sets it, fixes the accumulation steps."""
+        ds = self.deepspeed
+        micro = self.micro_batch_size
+        per_step = micro * world_size
+        if "train_batch_size" in ds:
+            global_batch = int(ds["train_batch_size"])
+            accumulation, rest = divmod(global_batch, per_step)
+            if rest or accumulation < 1:
+                raise ValueError(
+                    f"deepspeed.train_batch_size={global_batch} is not a multiple of micro batch {micro} x "
+                    f"{world_size} process(es) = {per_step}; change train_micro_batch_size_per_gpu or the number "
+                    "of processes, or drop train_batch_size to let the global batch follow the world size"
+                )
+            given = ds.get("gradient_accumulation_steps")
+            if given is not None and given != accumulation:
+                raise ValueError(
+                    f"deepspeed.train_batch_size={global_batch} needs gradient_accumulation_steps={accumulation} "
+                    f"with micro batch {micro} on {world_size} process(es), but the recipe sets {given}"
+                )
+            return BatchPlan(micro, accumulation, global_batch)
+        accumulation = int(ds.get("gradient_accumulation_steps", 1))
+        return BatchPlan(micro, accumulation, per_step * accumulation)
 
     def resolved_output_dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir else Path("runs") / self.name

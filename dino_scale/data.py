@@ -8,7 +8,7 @@ Beside the shards live ``classes.json`` (list of class names, index = cls) and `
 The training loader is built for exact resume and multi-rank training:
 
 * Shard order is shuffled per epoch from ``(seed, epoch)`` and split first by rank, then by DataLoader worker.
-* Each worker shuffles its raw (still encoded) samples in a buffer seeded from ``(seed, epoch, rank, worker)``
+* Each worker shuffles its raw (still encoded) samples in a buffer seeded from ``(seed, epoch, reader index)``
   and assembles whole batches itself, so the DataLoader (``batch_size=None``) yields batch ``i`` from worker
   ``i % num_workers``.
 * Every batch occupies exactly ``batch_size`` consecutive raw samples of its worker's stream. A sample that
@@ -549,7 +549,9 @@ class _TrainStream(IterableDataset):
         fallback = len(order) < n_global
         # With too few shards every worker reads them all and keeps every n_global-th sample instead.
         share0 = order if fallback else order[gid::n_global]
-        rng = random.Random(stable_seed("shuffle-buffer", self.seed, self.epoch, self.rank, worker))
+        # Seeded by the reader's global index, not (rank, worker): 1 process x 2 workers then reads exactly what
+        # 2 processes x 1 worker read, which is what makes runs comparable (and resumable) across process counts.
+        rng = random.Random(stable_seed("shuffle-buffer", self.seed, self.epoch, gid, n_global))
         for pass_idx in itertools.count():
             share = list(share0)
             if pass_idx > 0:

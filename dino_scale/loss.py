@@ -31,8 +31,11 @@ class DINOLoss(nn.Module):
 
         P_s = softmax(s / student_temp),   P_t = softmax((t - c) / teacher_temp).
 
-    After each forward the center follows an EMA of the teacher outputs' batch mean over all ranks:
-        c <- m c + (1 - m) mean_{ranks, rows}(t).
+    The center follows an EMA of the teacher outputs' mean over the global batch (all ranks, all micro-batches
+    of one optimizer step), applied by `update_center()` once per optimizer step:
+        c <- m c + (1 - m) mean_{ranks, micro-batches, rows}(t).
+    Deferring it to the step makes the result independent of how the global batch is split into processes and
+    accumulation steps (one process with 2 micro-batches == 2 processes with one each).
     Centering stops one dimension from dominating; sharpening (a low teacher_temp) stops the uniform collapse
     that centering alone would cause.
     """
@@ -49,6 +52,8 @@ class DINOLoss(nn.Module):
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
+        # Teacher row sums and row count (last column) of the micro-batches seen since the last update_center().
+        self.register_buffer("pending_sums", torch.zeros(1, out_dim + 1), persistent=False)
 
     def forward(
         self, student_output: torch.Tensor, teacher_output: torch.Tensor, teacher_temp: float
@@ -76,16 +81,18 @@ class DINOLoss(nn.Module):
             # equals the row-mean, and KL = CE - H exactly.
             entropy = -(teacher_probs * F.log_softmax(teacher_logits, dim=-1)).sum(dim=-1).mean()
             stats = LossStats(teacher_entropy=entropy, kl=loss.detach() - entropy)
-            self.update_center(teacher_output)
+            self.pending_sums[:, :-1] += teacher_output.float().sum(dim=0, keepdim=True)
+            self.pending_sums[:, -1] += teacher_output.shape[0]
         return loss, stats
 
     @torch.no_grad()
-    def update_center(self, teacher_output: torch.Tensor) -> None:
-        """c <- m c + (1 - m) * (sum of teacher rows over all ranks) / (rows over all ranks)."""
-        # One collective: the row sums with the row count appended as a last column.
-        rows = teacher_output.new_full((1, 1), float(teacher_output.shape[0]), dtype=torch.float32)
-        sums_and_count = torch.cat([teacher_output.float().sum(dim=0, keepdim=True), rows], dim=1)
+    def update_center(self) -> None:
+        """c <- m c + (1 - m) * (sum of pending teacher rows over all ranks) / (their count over all ranks)."""
+        sums_and_count = self.pending_sums.clone()
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(sums_and_count)
+            dist.all_reduce(sums_and_count)  # one collective: the row count rides along as the last column
+        self.pending_sums.zero_()
+        if sums_and_count[0, -1] == 0:
+            return
         batch_center = sums_and_count[:, :-1] / sums_and_count[:, -1:]
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)

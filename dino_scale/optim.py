@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from timm.optim import Lars
 from torch import nn
@@ -14,21 +12,28 @@ LAST_LAYER_PREFIX = "head.last_layer."
 
 
 def parameter_groups(model: nn.Module) -> list[dict]:
-    """Two groups: weights that are decayed, and biases / norm parameters (every 1-d tensor) that are not.
+    """Weights that are decayed, and biases / norm parameters (every 1-d tensor) that are not; the head's last layer
+    gets groups of its own (flag `last_layer`) so that freezing it is an lr of 0 on those groups.
 
-    Group 0 is the decayed one: the training loop writes the weight-decay schedule into it and keeps group 1 at 0.
+    Freezing through the learning rate rather than by dropping gradients works the same under every backend:
+    DeepSpeed's ZeRO owns the gradients (flattened into its partitions), FSDP2 holds them as shards, so only the
+    param groups are common ground. With lr 0, AdamW leaves the weights exactly unchanged (its decoupled decay is
+    lr * wd too); the moments still see the gradients, which the official code drops instead.
     """
-    decayed, not_decayed = [], []
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        if name.endswith(".bias") or parameter.ndim <= 1:
-            not_decayed.append(parameter)
-        else:
-            decayed.append(parameter)
+        decay = not (name.endswith(".bias") or parameter.ndim <= 1)
+        groups.setdefault((decay, name.startswith(LAST_LAYER_PREFIX)), []).append(parameter)
     return [
-        {"params": decayed, "apply_weight_decay": True},
-        {"params": not_decayed, "weight_decay": 0.0, "apply_weight_decay": False},
+        {
+            "params": params,
+            "weight_decay": 0.0,
+            "apply_weight_decay": decay,
+            "last_layer": last_layer,
+        }
+        for (decay, last_layer), params in sorted(groups.items(), key=lambda item: (item[0][1], not item[0][0]))
     ]
 
 
@@ -44,18 +49,13 @@ def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimize
     return Lars(groups, lr=0.0, momentum=cfg.momentum)
 
 
-def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+def set_hyperparameters(
+    optimizer: torch.optim.Optimizer, lr: float, weight_decay: float, freeze_last_layer: bool = False
+) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
-        if group.get("apply_weight_decay", True):
-            group["weight_decay"] = weight_decay
+        group["lr"] = 0.0 if freeze_last_layer and group.get("last_layer", False) else lr
+        group["weight_decay"] = weight_decay if group.get("apply_weight_decay", True) else 0.0
 
 
 def last_layer_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for name, p in model.named_parameters() if name.startswith(LAST_LAYER_PREFIX)]
-
-
-def drop_gradients(parameters: Iterable[nn.Parameter]) -> None:
-    """Setting .grad to None (not zero) makes AdamW skip the parameter entirely, so its moments don't move."""
-    for parameter in parameters:
-        parameter.grad = None

@@ -100,7 +100,7 @@ def test_micro_batch_is_required_and_precisions_exclusive(tmp_path: Path) -> Non
             "fp16": {"enabled": True},
         }
     }
-    with pytest.raises(ConfigError, match="cannot both be true"):
+    with pytest.raises(ConfigError, match="only one of bf16 / fp16 / torch_autocast"):
         load_config(write(tmp_path, both))
 
 
@@ -108,4 +108,30 @@ def test_global_batch_is_micro_times_accumulation_times_world(tmp_path: Path) ->
     cfg = load_config(
         write(tmp_path, {"deepspeed": {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 4}})
     )
-    assert cfg.global_batch_size(world_size=2) == 64
+    assert cfg.batch_plan(world_size=2).global_batch == 64
+
+
+def test_global_batch_fixes_accumulation_for_each_world_size(tmp_path: Path) -> None:
+    recipe = {"deepspeed": {"train_micro_batch_size_per_gpu": 8, "train_batch_size": 64}}
+    cfg = load_config(write(tmp_path, recipe))
+    assert [cfg.batch_plan(world).accumulation_steps for world in (1, 2, 8)] == [8, 4, 1]
+    assert {cfg.batch_plan(world).global_batch for world in (1, 2, 8)} == {64}
+    with pytest.raises(ValueError, match="train_batch_size=64 is not a multiple of micro batch 8 x 3"):
+        cfg.batch_plan(3)
+    clash = {
+        "deepspeed": {"train_micro_batch_size_per_gpu": 8, "train_batch_size": 64, "gradient_accumulation_steps": 2}
+    }
+    with pytest.raises(ValueError, match="needs gradient_accumulation_steps=8"):
+        load_config(write(tmp_path, clash)).batch_plan(1)
+    # Without train_batch_size the global batch follows the world size.
+    free = load_config(write(tmp_path, {"deepspeed": {"train_micro_batch_size_per_gpu": 8}}))
+    assert free.batch_plan(4).global_batch == 32
+
+
+def test_torch_autocast_block_sets_the_precision(tmp_path: Path) -> None:
+    block = {"train_micro_batch_size_per_gpu": 2, "torch_autocast": {"enabled": True, "dtype": "bfloat16"}}
+    cfg = load_config(write(tmp_path, {"deepspeed": block}))
+    assert (cfg.autocast_dtype, cfg.bf16, cfg.fp16) == ("bfloat16", True, False)
+    block["torch_autocast"]["dtype"] = "int8"
+    with pytest.raises(ConfigError, match="torch_autocast.dtype must be one of"):
+        load_config(write(tmp_path, {"deepspeed": block}))

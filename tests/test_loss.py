@@ -92,10 +92,25 @@ def test_center_update_is_ema_of_teacher_batch_mean() -> None:
     loss_fn = DINOLoss(2, center_momentum=0.9)
     first = torch.tensor([[1.0, 3.0], [3.0, 5.0]])
     loss_fn(torch.zeros(4, 2), first, teacher_temp=0.04)
+    assert loss_fn.center.abs().sum() == 0  # nothing moves before the optimizer step
+    loss_fn.update_center()
     assert loss_fn.center[0].tolist() == pytest.approx([0.2, 0.4])  # 0.1 * mean([1,3],[3,5]) = 0.1 * [2, 4]
     second = torch.tensor([[-2.0, 0.0], [0.0, 2.0]])
     loss_fn(torch.zeros(4, 2), second, teacher_temp=0.04)
+    loss_fn.update_center()
     assert loss_fn.center[0].tolist() == pytest.approx([0.9 * 0.2 + 0.1 * -1.0, 0.9 * 0.4 + 0.1 * 1.0])
+
+
+def test_center_of_accumulated_micro_batches_is_that_of_the_whole_batch() -> None:
+    teacher = torch.randn(8, 5)
+    whole, split = DINOLoss(5, center_momentum=0.9), DINOLoss(5, center_momentum=0.9)
+    whole(torch.zeros(16, 5), teacher, teacher_temp=0.04)
+    whole.update_center()
+    # Two micro-batches of 2 samples x 2 views each: rows are ordered view by view within each micro-batch.
+    for half in (teacher[[0, 1, 4, 5]], teacher[[2, 3, 6, 7]]):
+        split(torch.zeros(8, 5), half, teacher_temp=0.04)
+    split.update_center()
+    assert torch.allclose(whole.center, split.center, atol=1e-6)
 
 
 def test_center_is_applied_before_sharpening() -> None:

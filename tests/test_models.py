@@ -78,11 +78,15 @@ def test_ema_update_formula() -> None:
 
 def test_no_weight_decay_on_biases_and_norms() -> None:
     student, _ = build_student_teacher(TINY_VIT)
-    decayed, not_decayed = parameter_groups(student)
+    groups = parameter_groups(student)
     names = {id(p): n for n, p in student.named_parameters()}
-    assert all(p.ndim > 1 for p in decayed["params"])
-    assert any(names[id(p)].endswith("norm1.weight") for p in not_decayed["params"])
-    assert all(names[id(p)].endswith(".bias") or p.ndim <= 1 for p in not_decayed["params"])
+    decayed = [p for g in groups if g["apply_weight_decay"] for p in g["params"]]
+    not_decayed = [p for g in groups if not g["apply_weight_decay"] for p in g["params"]]
+    assert all(p.ndim > 1 for p in decayed)
+    assert any(names[id(p)].endswith("norm1.weight") for p in not_decayed)
+    assert all(names[id(p)].endswith(".bias") or p.ndim <= 1 for p in not_decayed)
+    last_layer = [names[id(p)] for g in groups if g["last_layer"] for p in g["params"]]
+    assert last_layer == ["head.last_layer.parametrizations.weight.original1"]  # the gain is frozen (norm_last_layer)
 
 
 def test_frozen_last_layer_gets_no_update_but_the_rest_does() -> None:
@@ -90,14 +94,14 @@ def test_frozen_last_layer_gets_no_update_but_the_rest_does() -> None:
         {"model": TINY_VIT.model_dump(), "deepspeed": {"train_micro_batch_size_per_gpu": 2}, "device": "cpu"}
     )
     student, _ = build_student_teacher(cfg.model)
-    backend = LocalBackend(cfg)
+    backend = LocalBackend(cfg, cfg.batch_plan(1))
     backend.prepare(student)
     last_layer = student.head.last_layer.parametrizations.weight.original1
     first_mlp = student.head.mlp[0].weight
 
     def step(freeze: bool) -> tuple[torch.Tensor, torch.Tensor]:
         before = last_layer.detach().clone(), first_mlp.detach().clone()
-        backend.backward(student([torch.randn(4, 3, 32, 32)]).pow(2).sum())
+        backend.backward(student([torch.randn(4, 3, 32, 32)]).pow(2).sum(), sync_gradients=True)
         backend.optimizer_step(lr=1e-2, weight_decay=0.04, freeze_last_layer=freeze)
         return before
 

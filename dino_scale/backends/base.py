@@ -1,0 +1,300 @@
+"""The one small interface between the training loop and the hardware, plus what every backend shares.
+
+The loop calls only `Backend` methods and never asks which backend it has. A backend owns the student's wrapper,
+optimizer and precision, and hands out the student's full fp32 weights one block at a time for the teacher's
+EMA (so a sharded backend never gathers the whole model at once).
+
+Checkpoint layout (all backends): ``run_dir/checkpoints/step_XXXXXXXX.pt`` (one file: local, ddp) or
+``run_dir/checkpoints/step_XXXXXXXX/`` (a folder: deepspeed, fsdp) holding ``trainer_state.pt`` (teacher, center,
+step, data position, RNG of every rank) beside the backend's own sharded files. ``latest.json`` names the newest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import shutil
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dino_scale import checkpoint as ckpt
+from dino_scale.config import BatchPlan, TrainConfig
+
+log = logging.getLogger("dino_scale")
+
+TRAINER_STATE_FILE = "trainer_state.pt"
+# Written in every single-file checkpoint and, for DeepSpeed ZeRO 1/2, beside the sharded files: the student's full
+# fp32 weights and optimizer state keyed by parameter name. It is what lets a run resume on another process count.
+PORTABLE_STUDENT_FILE = "student_full.pt"
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend that was asked for cannot start here; the message says why and what to run instead."""
+
+
+@dataclass(frozen=True)
+class LaunchEnvironment:
+    """What the launcher (torchrun, the deepspeed launcher, SLURM + torchrun, or nothing) put in the environment."""
+
+    launcher: str  # "none", "torchrun", "deepspeed" or "env" (RANK/WORLD_SIZE set by hand or by another tool)
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def distributed(self) -> bool:
+        return self.launcher != "none"
+
+
+def launch_environment() -> LaunchEnvironment:
+    env = os.environ
+    has_rendezvous = all(key in env for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+    if not has_rendezvous:
+        return LaunchEnvironment("none", 0, 1, 0)
+    if "CROSS_RANK" in env and "LOCAL_SIZE" in env:  # set by deepspeed/launcher/launch.py only
+        launcher = "deepspeed"
+    elif "TORCHELASTIC_RUN_ID" in env:
+        launcher = "torchrun"
+    else:
+        launcher = "env"
+    return LaunchEnvironment(launcher, int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+
+
+def pick_device(requested: str, local_rank: int = 0) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise BackendUnavailable("device=cuda was asked for but torch.cuda.is_available() is False")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def require_launcher(backend: str, env: LaunchEnvironment) -> None:
+    if not env.distributed:
+        raise BackendUnavailable(
+            f"backend={backend} needs a launcher environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and none "
+            "is set. Launch with `deepspeed -m dino_scale.train ...` or `torchrun --nproc_per_node N -m "
+            "dino_scale.train ...` (N may be 1), or drop `backend` to train in this one process"
+        )
+
+
+def init_process_group(device: torch.device, env: LaunchEnvironment) -> None:
+    """NCCL on GPUs, gloo on CPUs; a no-op when a group already exists (e.g. DeepSpeed made it)."""
+    if dist.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"timeout": datetime.timedelta(minutes=30)}
+    if device.type == "cuda":
+        kwargs["device_id"] = device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **kwargs)
+
+
+def sync_batch_norm(module: nn.Module, device: torch.device) -> nn.Module:
+    """BatchNorm over the global batch, as with one process: SyncBatchNorm across ranks (CUDA only in torch).
+
+    On CPU the statistics stay per process, which is the official DINO behaviour without SyncBN; the teacher's
+    running statistics then differ across ranks, and the final teacher digests will say so.
+    """
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+        return module
+    if device.type != "cuda":
+        log.warning("BatchNorm statistics are per process on %s (SyncBatchNorm needs CUDA)", device)
+        return module
+    return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+
+
+def autocast_context(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    if cfg.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, cfg.autocast_dtype))
+
+
+class Backend(ABC):
+    """The seam between the training loop and DeepSpeed / FSDP2 / DDP / a single process."""
+
+    name: str
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    def __init__(self, cfg: TrainConfig, batch: BatchPlan) -> None:
+        self.cfg = cfg
+        self.batch = batch
+
+    # --- training ---------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def prepare(self, student: nn.Module) -> nn.Module:
+        """Wrap the student and create its optimizer; returns the module to call forward on."""
+
+    def forward_context(self, sync_gradients: bool) -> contextlib.AbstractContextManager:
+        """Mixed precision for the forward passes (teacher and student) of one micro-batch. `sync_gradients` is
+        False for all but the last micro-batch of an optimizer step, so that backends may skip the reduction."""
+        return autocast_context(self.cfg, self.device)
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor, sync_gradients: bool) -> None:
+        """Accumulate gradients of one micro-batch's loss (already divided by the accumulation steps)."""
+
+    @abstractmethod
+    def optimizer_step(self, lr: float, weight_decay: float, freeze_last_layer: bool) -> torch.Tensor:
+        """One optimizer step with the scheduled lr / wd, clipping at `gradient_clipping`, the last layer's lr at 0
+        while it is frozen; gradients are zeroed afterwards. Returns the global gradient norm before clipping."""
+
+    @abstractmethod
+    def student_weight_groups(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """The student's full fp32 weights as (name, tensor) groups, one block at a time, identical on every rank.
+        A tensor is only valid until the next group is requested (a sharded backend frees it)."""
+
+    @property
+    @abstractmethod
+    def student(self) -> nn.Module:
+        """The unwrapped student module (its parameters may be shards; use student_weight_groups for values)."""
+
+    # --- checkpoints ------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def save(self, run_dir: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
+        """Write a checkpoint of the student, its optimizer and `state` (teacher, center, ...; the same on every
+        rank, written once). Every rank calls this. Returns the checkpoint's path."""
+
+    @abstractmethod
+    def load(self, path: Path) -> dict[str, Any]:
+        """Restore the student and its optimizer from a checkpoint of any backend this one can read; returns the
+        rest of its state. Every rank calls this."""
+
+    # --- collectives (no-ops on one process) ------------------------------------------------------------------
+
+    def is_main_process(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        """Mean of a small tensor over ranks (for logging: the loss every rank saw, not just rank 0's)."""
+        if not self.distributed:
+            return value
+        total = value.detach().float().clone()
+        dist.all_reduce(total)
+        return total / self.world_size
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        if not self.distributed:
+            return [obj]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def close(self) -> None:
+        if self.distributed:
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+# --- checkpoint helpers shared by the backends ---------------------------------------------------------------
+
+
+def weight_blocks(model: nn.Module) -> list[list[tuple[str, nn.Parameter]]]:
+    """The model's parameters grouped by block: each element of a ModuleList / Sequential (ViT blocks, ResNet
+    bottlenecks, head layers) is one group, and every other parameter joins the group of its parent module.
+
+    Sharded backends gather one group at a time for the EMA, so peak memory grows by one block, not the model.
+    """
+    containers = {name for name, module in model.named_modules() if isinstance(module, (nn.ModuleList, nn.Sequential))}
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {}
+    for name, parameter in model.named_parameters():
+        parts = name.split(".")
+        key = ".".join(parts[:-1])
+        for depth in range(1, len(parts)):
+            if ".".join(parts[:depth]) in containers:
+                key = ".".join(parts[: depth + 1])
+                break
+        groups.setdefault(key, []).append((name, parameter))
+    return list(groups.values())
+
+
+def stage_checkpoint_dir(run_dir: Path, step: int, backend: Backend) -> Path:
+    """A fresh, empty staging folder for a folder checkpoint; renamed into place by `commit_checkpoint_dir`."""
+    staging = ckpt.checkpoint_staging_dir(run_dir, step)
+    if backend.is_main_process():
+        if staging.exists():  # left by a run killed during a save
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+    backend.barrier()
+    return staging
+
+
+def commit_checkpoint_dir(run_dir: Path, step: int, staging: Path, backend: Backend, keep_last: int) -> Path:
+    """After every rank has written its part: rank 0 renames the folder into place and moves latest.json."""
+    backend.barrier()
+    final = ckpt.checkpoint_dir_path(run_dir, step)
+    if backend.is_main_process():
+        ckpt.commit_checkpoint_dir(staging, final, keep_last=keep_last)
+    backend.barrier()
+    return final
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """The loop's part of a checkpoint: the single file itself, or trainer_state.pt inside a folder."""
+    return ckpt.load_checkpoint(path / TRAINER_STATE_FILE if path.is_dir() else path)
+
+
+def portable_student_state(path: Path) -> dict[str, Any] | None:
+    """The name-keyed student + optimizer state of a checkpoint, when it has one (see PORTABLE_STUDENT_FILE)."""
+    if path.is_file():
+        state = ckpt.load_checkpoint(path)
+        return {key: state[key] for key in ("student", "optimizer", "grad_scaler") if key in state}
+    portable = path / PORTABLE_STUDENT_FILE
+    return ckpt.load_checkpoint(portable) if portable.is_file() else None
+
+
+def named_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """optimizer.state_dict() with parameter names instead of positions, so it loads into another wrapping or
+    process count: {"state": {name: {...}}, "param_groups": [{..., "params": [names]}]}."""
+    names = {id(p): name for name, p in module.named_parameters()}
+    positional = optimizer.state_dict()
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return {
+        "state": {order[index]: value for index, value in positional["state"].items()},
+        "param_groups": [
+            {**group, "params": [order[index] for index in group["params"]]} for group in positional["param_groups"]
+        ],
+    }
+
+
+def load_named_optimizer_state(
+    module: nn.Module, optimizer: torch.optim.Optimizer, named: dict[str, Any], source: Path
+) -> None:
+    """Inverse of `named_optimizer_state`; names must match the optimizer's parameters exactly."""
+    names = {id(p): name for name, p in module.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    position = {name: index for index, name in enumerate(order)}
+    saved = [name for group in named["param_groups"] for name in group["params"]]
+    if sorted(saved) != sorted(order):
+        missing, unexpected = sorted(set(order) - set(saved)), sorted(set(saved) - set(order))
+        raise ckpt.CheckpointError(
+            f"{source}: optimizer state does not match the student (missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}); was it written for another model?"
+        )
+    optimizer.load_state_dict(
+        {
+            "state": {position[name]: value for name, value in named["state"].items()},
+            "param_groups": [
+                {**group, "params": [position[name] for name in group["params"]]} for group in named["param_groups"]
+            ],
+        }
+    )
