@@ -191,6 +191,10 @@ def _train(cfg: TrainConfig, backend: Backend, resume: bool) -> dict[str, Any]:
         epoch, start_batch = resume_position(state, plan, accumulation)
         restore_rng(state["rng"], backend.rank, backend.world_size, cfg.seed, step)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", latest, step, epoch, start_batch)
+    else:
+        # The teacher starts as an exact copy of the student as the backend holds it: with DeepSpeed's bf16 mode
+        # that is the fp32 master copy made from the bf16-rounded weights, not the fp32 initialisation.
+        update_teacher(teacher, backend.student_weight_groups(), momentum=0.0)
     if main_process:
         ckpt.atomic_write_text(out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         log.info(

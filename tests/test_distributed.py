@@ -249,3 +249,23 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_deepspeed_bf16_weights_feed_the_ema_through_fp32_master_copies(reference: Path, runs: Path) -> None:
+    """DeepSpeed's own bf16 mode keeps bf16 module weights; the EMA must read the fp32 master copies instead.
+
+    With teacher momentum 0 (and no lr warm-up, so that step moves the weights) the first EMA copies the student:
+    after one step the teacher must equal the fp32 masters saved in the checkpoint, bit for bit, and hold values
+    that bf16 cannot represent.
+    """
+    bf16 = ("backend=deepspeed", "deepspeed.zero_optimization.stage=2", 'deepspeed.bf16={"enabled": true}')
+    one_copying_step = ("max_steps=1", "dino.momentum_teacher=0.0", "optim.warmup_epochs=0")
+    run_dir = run_training(2, runs / "zero2-bf16", *bf16, *one_copying_step)
+    assert losses(run_dir)[1] == pytest.approx(losses(reference)[1], rel=2e-2)  # bf16 compute, same samples
+    latest = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    masters = torch.load(latest / "student_full.pt", map_location="cpu", weights_only=True)["student"]
+    teacher = checkpoint_state(run_dir)["teacher"]
+    assert all(teacher[name].dtype == torch.float32 and torch.equal(teacher[name], masters[name]) for name in teacher)
+    cls_token = teacher["backbone.cls_token"]
+    assert not torch.equal(cls_token, cls_token.bfloat16().float())  # not the bf16 module weights
+    assert len(set(final_digests(run_dir))) == 1
