@@ -128,6 +128,7 @@ class Backend(ABC):
     def __init__(self, cfg: TrainConfig, batch: BatchPlan) -> None:
         self.cfg = cfg
         self.batch = batch
+        self._student: nn.Module | None = None  # set by prepare()
 
     # --- training ---------------------------------------------------------------------------------------------
 
@@ -155,9 +156,11 @@ class Backend(ABC):
         A tensor is only valid until the next group is requested (a sharded backend frees it)."""
 
     @property
-    @abstractmethod
     def student(self) -> nn.Module:
         """The unwrapped student module (its parameters may be shards; use student_weight_groups for values)."""
+        if self._student is None:
+            raise RuntimeError("Backend.prepare() has not been called")
+        return self._student
 
     # --- checkpoints ------------------------------------------------------------------------------------------
 

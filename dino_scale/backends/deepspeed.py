@@ -89,7 +89,6 @@ class DeepSpeedBackend(Backend):
         self.deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo", verbose=False)
         self.rank, self.world_size = env.rank, env.world_size
         self.engine: Any = None
-        self._student: nn.Module | None = None
         self._group_names: list[list[str]] = []
 
     def engine_config(self) -> dict[str, Any]:
@@ -102,12 +101,6 @@ class DeepSpeedBackend(Backend):
         config.setdefault("steps_per_print", 2**31 - 1)  # we log; DeepSpeed's own step prints would interleave
         config.setdefault("wall_clock_breakdown", False)
         return config
-
-    @property
-    def student(self) -> nn.Module:
-        if self._student is None:
-            raise RuntimeError("Backend.prepare() has not been called")
-        return self._student
 
     @property
     def zero_stage(self) -> int:

@@ -113,15 +113,8 @@ class FSDPBackend(Backend):
         self.device = pick_device(cfg.device, env.local_rank)
         init_process_group(self.device, env)
         self.rank, self.world_size = env.rank, env.world_size
-        self._student: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._groups: list[list[str]] = []
-
-    @property
-    def student(self) -> nn.Module:
-        if self._student is None:
-            raise RuntimeError("Backend.prepare() has not been called")
-        return self._student
 
     @property
     def _module(self) -> FSDPModule:

@@ -47,16 +47,9 @@ class LocalBackend(Backend):
                 "or pick a distributed backend (ddp, deepspeed, fsdp)"
             )
         self.device = pick_device(cfg.device, env.local_rank)
-        self._student: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         # Loss scaling only matters for fp16; GradScaler(enabled=False) is a no-op pass-through.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.fp16)
-
-    @property
-    def student(self) -> nn.Module:
-        if self._student is None:
-            raise RuntimeError("Backend.prepare() has not been called")
-        return self._student
 
     def prepare(self, student: nn.Module) -> nn.Module:
         self._student = student.to(self.device)
