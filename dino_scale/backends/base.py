@@ -87,7 +87,7 @@ def require_launcher(backend: str, env: LaunchEnvironment) -> None:
         )
 
 
-def init_process_group(device: torch.device, env: LaunchEnvironment) -> None:
+def init_process_group(device: torch.device) -> None:
     """NCCL on GPUs, gloo on CPUs; a no-op when a group already exists (e.g. DeepSpeed made it)."""
     if dist.is_initialized():
         return

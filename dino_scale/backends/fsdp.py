@@ -111,7 +111,7 @@ class FSDPBackend(Backend):
         env = launch_environment()
         require_launcher(self.name, env)
         self.device = pick_device(cfg.device, env.local_rank)
-        init_process_group(self.device, env)
+        init_process_group(self.device)
         self.rank, self.world_size = env.rank, env.world_size
         self.optimizer: torch.optim.Optimizer | None = None
         self._groups: list[list[str]] = []

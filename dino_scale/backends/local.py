@@ -111,7 +111,7 @@ class DDPBackend(LocalBackend):
         env = launch_environment()
         require_launcher(self.name, env)
         super().__init__(cfg, batch)
-        init_process_group(self.device, env)
+        init_process_group(self.device)
         self.rank, self.world_size = env.rank, env.world_size
         self._wrapped: DistributedDataParallel | None = None
 
