@@ -42,7 +42,9 @@ __all__ = [
     "load_checkpoint",
     "load_safetensors",
     "save_checkpoint",
+    "safetensors_metadata",
     "save_safetensors",
+    "select_backbone",
 ]
 
 logger = logging.getLogger(__name__)
@@ -93,6 +95,12 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read the umask is to set it; restore it at once
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Run ``write(tmp_path)`` on a temp file next to ``path``, fsync it, then atomically rename it.
 
@@ -104,6 +112,7 @@ def _atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the final file gets the usual permissions
     try:
         write(tmp)
         # Flush the data to disk before the rename, otherwise a power loss could leave a renamed empty file.
@@ -400,13 +409,27 @@ def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"Cannot read safetensors file {path}: {type(err).__name__}: {err}") from err
 
 
-def _is_safetensors_file(path: Path) -> bool:
-    """Sniff the format rather than trust the suffix: safetensors = u64 header length, then JSON."""
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file's header ({} when it has none)."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as err:
+        raise CheckpointError(f"Cannot read safetensors file {path}: {type(err).__name__}: {err}") from err
+
+
+def is_safetensors_file(path: Path) -> bool:
+    """Sniff the format rather than trust the suffix: safetensors = u64 little-endian header length, then JSON.
+
+    The first byte alone says nothing (a header length of 128 + 256k starts with 0x80, like a pickle); a JSON
+    header that fits in the file does.
+    """
     with open(path, "rb") as f:
         head = f.read(9)
-    if len(head) < 9 or head[:2] == b"PK" or head[:1] == b"\x80":  # zip (torch.save) or raw pickle
+    if len(head) < 9 or head[:2] == b"PK":  # zip: torch.save
         return False
-    return head[8:9] == b"{"
+    header_length = int.from_bytes(head[:8], "little")
+    return head[8:9] == b"{" and 8 + header_length <= path.stat().st_size
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -428,7 +451,7 @@ def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def _select_backbone(obj: Any, which: str, source: str) -> dict[str, torch.Tensor]:
+def select_backbone(obj: Any, which: str, source: str) -> dict[str, torch.Tensor]:
     """Find the backbone state dict inside a loaded checkpoint object and normalise its keys to timm names."""
     if not isinstance(obj, Mapping):
         raise ValueError(f"{source} holds a {type(obj).__qualname__}, not a checkpoint dict or state dict")
@@ -502,8 +525,8 @@ def extract_backbone_state_dict(source: str | Path, which: str = "teacher") -> d
                 f"{CHECKPOINT_SUBDIR}/step_*.pt and {TEACHER_BACKBONE_FILE}"
             )
 
-    obj: Any = load_safetensors(path) if _is_safetensors_file(path) else _torch_load(path)
-    return _select_backbone(obj, which, str(path))
+    obj: Any = load_safetensors(path) if is_safetensors_file(path) else _torch_load(path)
+    return select_backbone(obj, which, str(path))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import click
 
+from dino_scale import checkpoint as ckpt
 from dino_scale.train import train_command
 
 
@@ -56,9 +59,6 @@ def shard_command(images_dir: str, out_dir: str, maxcount: int, prefix: str, max
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .safetensors file.")
 def convert_command(source: str, arch: str, which: str, timm_kwargs: str, out: str) -> None:
     """Import a backbone (e.g. an official DINO checkpoint) as timm-named safetensors, verified by loading it."""
-    import json
-
-    from dino_scale import checkpoint as ckpt
     from dino_scale.models import create_backbone
 
     try:
@@ -71,6 +71,73 @@ def convert_command(source: str, arch: str, which: str, timm_kwargs: str, out: s
     state = {name: tensor.detach().contiguous() for name, tensor in backbone.state_dict().items()}
     ckpt.save_safetensors(state, out, metadata={"arch": arch, "timm_kwargs": json.dumps(extra), "source": source})
     click.echo(f"wrote {out}: {arch} backbone, {len(state)} tensors, from {source} ({which})")
+
+
+@main.command("export")
+@click.option(
+    "--checkpoint",
+    type=click.Path(exists=True),
+    help="Run dir, checkpoint, teacher_backbone.safetensors or official DINO .pth [default: the newest run in runs/].",
+)
+@click.option("--format", "fmt", type=click.Choice(["onnx", "tensorrt", "aoti"]), default="onnx", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), help="Artifact path [default: export/<run name>.<ext>].")
+@click.option("--which", type=click.Choice(["teacher", "student"]), default="teacher", show_default=True)
+@click.option("--arch", help="timm model name; needed only where the checkpoint does not record it.")
+@click.option("--timm-kwargs", help="JSON of timm.create_model arguments, replacing the recorded ones.")
+@click.option("--image-size", default=224, show_default=True, type=int, help="Fixed input size (square).")
+@click.option(
+    "--outputs",
+    default="cls",
+    show_default=True,
+    help="Comma-separated: cls, patch_gem (GeM p=4 of patch tokens), attn (last-layer CLS attention per head).",
+)
+@click.option("--uint8", "uint8_input", is_flag=True, help="Take uint8 NHWC RGB; normalise inside the graph.")
+@click.option("--fp16", "precision", flag_value="fp16", help="Half-precision compute (cosine >= 0.999 gate).")
+@click.option("--bf16", "precision", flag_value="bf16", help="bfloat16 compute (tensorrt / aoti).")
+@click.option("--fp32", "precision", flag_value="fp32", default=True, help="Full precision (default).")
+@click.option("--opset", type=int, help="ONNX opset [default: torch's].")
+@click.option("--min-batch", default=1, show_default=True, type=int, help="TensorRT profile minimum batch.")
+@click.option("--opt-batch", type=int, help="TensorRT profile batch tuned for [default: min(64, --max-batch)].")
+@click.option("--max-batch", default=256, show_default=True, type=int, help="Largest batch (TensorRT / AOTI).")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache, read and updated.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (AOTI compiles for it).")
+@click.option("--parity-shards", help="Shards whose images the parity gate runs [default: shards/sample/val].")
+def export_command(fmt: str, timm_kwargs: str | None, **kwargs: object) -> None:
+    """Export a backbone (teacher by default) to ONNX / TensorRT / AOTInductor, parity-gated, with a sidecar JSON."""
+    import shlex
+    import sys
+
+    from dino_scale.export import ExportInputError, ExportOptions, ParityError, run_export
+    from dino_scale.runtimes import RuntimeUnavailable
+
+    try:
+        extra = json.loads(timm_kwargs) if timm_kwargs else None
+    except ValueError as error:
+        raise click.BadParameter(f"not valid JSON: {error}", param_hint="--timm-kwargs") from None
+    options = ExportOptions(format=fmt, timm_kwargs=extra, command=shlex.join(["dino-scale", *sys.argv[1:]]), **kwargs)
+    try:
+        run_export(options, echo=click.echo)
+    except (ExportInputError, ParityError, RuntimeUnavailable, FileNotFoundError, ckpt.CheckpointError) as error:
+        raise click.ClickException(str(error)) from None
+
+
+@main.command("bench")
+@click.option("--model", required=True, type=click.Path(exists=True), help="An exported artifact (with sidecar).")
+@click.option("--batch", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--runtimes", help="Comma-separated subset, e.g. pytorch-eager,onnxruntime:CPU [default: all here].")
+@click.option("--warmup", default=5, show_default=True, type=click.IntRange(min=0))
+@click.option("--iterations", default=30, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results as JSON here.")
+def bench_command(**kwargs: object) -> None:
+    """Throughput (images/s) and latency percentiles of an exported model in every runtime available here."""
+    from dino_scale.bench import BenchOptions, run_bench
+    from dino_scale.export import ExportInputError
+
+    try:
+        run_bench(BenchOptions(**kwargs), echo=click.echo)
+    except (ExportInputError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from None
 
 
 if __name__ == "__main__":

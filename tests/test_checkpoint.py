@@ -17,6 +17,7 @@ import torchvision
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from dino_scale import checkpoint as ckpt
 from dino_scale.checkpoint import (
     CheckpointError,
     atomic_torch_save,
@@ -490,3 +491,19 @@ def test_wrong_architecture_error_is_readable() -> None:
     with pytest.raises(ValueError, match=r"unexpected keys \(\d+\): bn1.bias, bn1.num_batches_tracked") as info:
         load_backbone_weights(tiny_vit(), resnet_weights, source="resnet.pth")
     assert "missing keys (30): blocks.0.attn.proj.bias" in str(info.value)
+
+
+def test_safetensors_detection_does_not_depend_on_the_first_byte(tmp_path: Path) -> None:
+    """A header length of 0x..80 starts the file with 0x80, the pickle marker; it is still safetensors."""
+    for padding in range(256):  # find a metadata size that makes the header length end in 0x80
+        path = tmp_path / "w.safetensors"
+        ckpt.save_safetensors({"w": torch.ones(2)}, path, metadata={"pad": "x" * padding})
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no header length ending in 0x80 found")
+    assert ckpt.is_safetensors_file(path)
+    assert torch.equal(ckpt.extract_backbone_state_dict(path)["w"], torch.ones(2))
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)  # raw pickle, starts 0x80
+    assert not ckpt.is_safetensors_file(legacy)
