@@ -107,7 +107,7 @@ def export_command(fmt: str, timm_kwargs: str | None, **kwargs: object) -> None:
     import shlex
     import sys
 
-    from dino_scale.export import ExportInputError, ExportOptions, ParityError, run_export
+    from dino_scale.export import ExportOptions, ParityError, run_export
     from dino_scale.runtimes import RuntimeUnavailable
 
     try:
@@ -117,7 +117,7 @@ def export_command(fmt: str, timm_kwargs: str | None, **kwargs: object) -> None:
     options = ExportOptions(format=fmt, timm_kwargs=extra, command=shlex.join(["dino-scale", *sys.argv[1:]]), **kwargs)
     try:
         run_export(options, echo=click.echo)
-    except (ExportInputError, ParityError, RuntimeUnavailable, FileNotFoundError, ckpt.CheckpointError) as error:
+    except (ValueError, ParityError, RuntimeUnavailable, FileNotFoundError, ckpt.CheckpointError) as error:
         raise click.ClickException(str(error)) from None
 
 
@@ -132,11 +132,10 @@ def export_command(fmt: str, timm_kwargs: str | None, **kwargs: object) -> None:
 def bench_command(**kwargs: object) -> None:
     """Throughput (images/s) and latency percentiles of an exported model in every runtime available here."""
     from dino_scale.bench import BenchOptions, run_bench
-    from dino_scale.export import ExportInputError
 
     try:
         run_bench(BenchOptions(**kwargs), echo=click.echo)
-    except (ExportInputError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError) as error:  # bad artifact / sidecar / --runtimes / --device
         raise click.ClickException(str(error)) from None
 
 

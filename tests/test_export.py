@@ -183,6 +183,14 @@ def test_resnet50_exports_cls_and_gem_and_refuses_attention(resnet_run: Path, tm
         assert relative_error(got["cls"], feature_map.mean((2, 3))) <= 1e-4
         gem = feature_map.clamp(min=1e-6).pow(4).mean((2, 3)).pow(0.25)
         assert relative_error(got["patch_gem"], gem) <= 1e-4
+    float_out = tmp_path / "resnet-float.onnx"
+    result = export("--checkpoint", str(resnet_run), "--image-size", "64", "--out", str(float_out))
+    assert result.exit_code == 0, result.output
+    images = torch.randn(7, 3, 64, 64)
+    with torch.no_grad():
+        want = backbone(images)
+    assert list(onnx_outputs(float_out, images.numpy())) == ["cls"]
+    assert relative_error(onnx_outputs(float_out, images.numpy())["cls"], want) <= 1e-4
 
     refused = tmp_path / "refused"
     result = export("--checkpoint", str(resnet_run), "--outputs", "attn", "--out", str(refused / "r.onnx"))
@@ -385,6 +393,11 @@ def test_aoti_package_and_bench_every_runtime(vit_run: Path, tmp_path: Path) -> 
     )
     assert result.exit_code == 0, result.output
     assert "compiling a temporary AOTInductor package" not in result.output  # it ran the sibling m.pt2
+    result = CliRunner().invoke(cli, ["bench", "--model", str(tmp_path / "m.onnx"), "--runtimes", "tensorrt"])
+    assert result.exit_code != 0 and "not available on cpu" in result.output
+    (tmp_path / "lonely.onnx").write_bytes((tmp_path / "m.onnx").read_bytes())
+    result = CliRunner().invoke(cli, ["bench", "--model", str(tmp_path / "lonely.onnx")])
+    assert result.exit_code != 0 and "has no sidecar lonely.onnx.json" in result.output
     rows = {row["runtime"]: row for row in json.loads(report.read_text())["results"]}
     assert set(rows) == {"pytorch-eager", "torch.compile", "onnxruntime:CPU", "aoti"}
     for name, row in rows.items():
