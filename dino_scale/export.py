@@ -12,12 +12,13 @@ Parity measures, per output and per row (image) ``a`` of the artifact against th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -173,7 +174,7 @@ def export_onnx(model: InferenceModel, path: Path, image_size: int, opset: int |
 
     The dynamo exporter (torch.export + onnxscript) is used first. Models it cannot trace fall back to the
     TorchScript exporter, because users must not be blocked by a tracing gap in one timm architecture; the
-    fallback and its reason are logged and recorded in the sidecar.
+    reason is logged, and the exporter used is recorded in the sidecar.
     """
     import onnx
 
@@ -217,19 +218,18 @@ def export_onnx(model: InferenceModel, path: Path, image_size: int, opset: int |
     return exporter
 
 
-class _quiet_onnx_logs:
+@contextlib.contextmanager
+def _quiet_onnx_logs() -> Iterator[None]:
     """torch.onnx and its graph optimiser log every pass at INFO; keep the user's terminal readable."""
-
-    NAMES = ("torch.onnx", "onnxscript", "onnx_ir")
-
-    def __enter__(self) -> None:
-        self.levels = {name: logging.getLogger(name).level for name in self.NAMES}
-        for name in self.NAMES:
-            logging.getLogger(name).setLevel(logging.WARNING)
-
-    def __exit__(self, *exc: object) -> None:
-        for name, level in self.levels.items():
-            logging.getLogger(name).setLevel(level)
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def export_aoti(model: InferenceModel, path: Path, image_size: int, device: torch.device, max_batch: int) -> None:
@@ -256,12 +256,12 @@ def onnx_opset(path: Path) -> int | None:
 
 
 def parity_inputs(
-    model: InferenceModel, image_size: int, batches: Iterable[int], shards: str | Path | None
+    model: InferenceModel, image_size: int, batches: Iterable[int], shards: str | Path | None, max_batch: int = 8
 ) -> list[tuple[str, torch.Tensor]]:
-    """Random inputs at each batch size, plus up to 8 real images from ``shards`` when they exist."""
+    """Random inputs at each batch size, plus up to 8 (at most ``max_batch``) real images from ``shards``."""
     inputs = [(f"random b{b}", example_input(model.uint8_input, image_size, batch=b, seed=b)) for b in batches]
     if shards is not None:
-        images = real_images(shards, image_size, count=8, as_uint8=model.uint8_input)
+        images = real_images(shards, image_size, count=min(8, max_batch), as_uint8=model.uint8_input)
         if images is not None:
             inputs.append((f"images {Path(str(shards)).name}", images))
     return inputs
@@ -405,7 +405,7 @@ def run_export(options: ExportOptions, echo: Callable[[str], None] = print) -> E
         details, runners = _write_artifact(options, exported, staging, staging_onnx, device)
         echo(f"wrote {options.format} artifact in {time.monotonic() - start:.1f} s; checking parity")
         batches = [min(max(b, options.min_batch), options.max_batch) for b in options.parity_batches]
-        inputs = parity_inputs(reference, options.image_size, batches, shards)
+        inputs = parity_inputs(reference, options.image_size, batches, shards, options.max_batch)
         report = check_parity(
             runners, reference, inputs, options.precision, options.max_relative_error, options.min_cosine
         )
