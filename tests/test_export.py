@@ -72,6 +72,11 @@ def export(*args: str) -> "CliRunner.Result":
     return CliRunner().invoke(cli, ["export", "--parity-shards", SAMPLE_VAL, *args])
 
 
+def export_vit(vit_run: Path, *args: str) -> "CliRunner.Result":
+    """Export the briefly trained tiny ViT at its training size."""
+    return export("--checkpoint", str(vit_run), "--image-size", str(SIZE), *args)
+
+
 def teacher_backbone(run_dir: Path) -> torch.nn.Module:
     """The trained teacher as plain timm, built independently of dino_scale.inference."""
     meta = ckpt.safetensors_metadata(run_dir / "teacher_backbone.safetensors")
@@ -201,11 +206,8 @@ def test_resnet50_exports_cls_and_gem_and_refuses_attention(resnet_run: Path, tm
 
 def test_sidecar_describes_the_artifact(vit_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "vit.onnx"
-    result = export(
-        "--checkpoint",
-        str(vit_run),
-        "--image-size",
-        str(SIZE),
+    result = export_vit(
+        vit_run,
         "--outputs",
         "cls,patch_gem,attn",
         "--uint8",
@@ -276,11 +278,8 @@ def test_official_checkpoint_exports_teacher_or_student(tmp_path: Path) -> None:
 
 def test_fp16_export_passes_the_cosine_gate(vit_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "half.onnx"
-    result = export(
-        "--checkpoint",
-        str(vit_run),
-        "--image-size",
-        str(SIZE),
+    result = export_vit(
+        vit_run,
         "--outputs",
         "cls,patch_gem",
         "--fp16",
@@ -306,7 +305,7 @@ def test_a_wrong_graph_is_refused_and_removed(vit_run: Path, tmp_path: Path, mon
 
     monkeypatch.setattr(export_module, "export_onnx", export_with_a_bug)
     out_dir = tmp_path / "export"
-    result = export("--checkpoint", str(vit_run), "--image-size", str(SIZE), "--out", str(out_dir / "bad.onnx"))
+    result = export_vit(vit_run, "--out", str(out_dir / "bad.onnx"))
     assert result.exit_code != 0
     assert "failed the parity gate" in result.output and "FAIL" in result.output and "rel err" in result.output
     assert_only(out_dir)
@@ -335,7 +334,7 @@ def test_short_form_exports_the_newest_run(vit_run: Path, tmp_path: Path, monkey
     ],
 )
 def test_bad_input_is_named_and_nothing_is_written(vit_run: Path, tmp_path: Path, args, message) -> None:
-    result = export("--checkpoint", str(vit_run), "--image-size", str(SIZE), *args, "--out", str(tmp_path / "x.onnx"))
+    result = export_vit(vit_run, *args, "--out", str(tmp_path / "x.onnx"))
     assert result.exit_code != 0
     assert message in result.output, result.output
     assert_only(tmp_path)
