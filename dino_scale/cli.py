@@ -139,5 +139,24 @@ def bench_command(**kwargs: object) -> None:
         raise click.ClickException(str(error)) from None
 
 
+@main.command("attention")
+@click.option("--model", "model_source", required=True, type=click.Path(exists=True), help="Run dir or checkpoint.")
+@click.option("--image", "image_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the PNGs.")
+@click.option("--image-size", default=224, show_default=True, type=int, help="The image is resized to this square.")
+@click.option("--keep", default=0.6, show_default=True, type=float, help="Attention mass each head's mask keeps.")
+@click.option("--which", type=click.Choice(["teacher", "student"]), default="teacher", show_default=True)
+@click.option("--arch", help="timm model name; needed only where the checkpoint does not record it.")
+def attention_command(**kwargs: object) -> None:
+    """Last-layer CLS attention of a ViT on one image: a PNG per head, and the heads' 60%-mass masks overlaid."""
+    from dino_scale.attention import attention_maps
+
+    try:
+        summary = attention_maps(**kwargs)
+    except (ValueError, FileNotFoundError, ckpt.CheckpointError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"wrote {len(summary['files'])} PNGs ({summary['heads']} heads) to {kwargs['out_dir']}")
+
+
 if __name__ == "__main__":
     main()
