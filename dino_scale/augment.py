@@ -441,17 +441,25 @@ class MultiCropAugmentation:
         return out
 
 
-def eval_transform(
-    image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-) -> Callable[[PIL.Image.Image], torch.Tensor]:
-    """Deterministic eval preprocessing (k-NN): shorter side -> ``int(image_size * 256 / 224)`` (bicubic,
-    antialiased), center crop ``image_size``, float32 ``(x / 255 - mean) / std`` as a [3, S, S] tensor.
-    """
+def eval_crop(image_size: int) -> Callable[[PIL.Image.Image], torch.Tensor]:
+    """Deterministic eval resize and crop: shorter side -> ``int(image_size * 256 / 224)`` (bicubic, antialiased),
+    center crop ``image_size``, as a uint8 [3, S, S] tensor (what a ``--uint8`` exported model takes, as HWC)."""
     return v2.Compose(
         [
             v2.Resize(int(image_size * 256 / 224), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
             v2.CenterCrop(image_size),
             v2.PILToTensor(),
+        ]
+    )
+
+
+def eval_transform(
+    image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> Callable[[PIL.Image.Image], torch.Tensor]:
+    """Deterministic eval preprocessing (k-NN): :func:`eval_crop`, then float32 ``(x / 255 - mean) / std``."""
+    return v2.Compose(
+        [
+            eval_crop(image_size),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean=list(mean), std=list(std)),
         ]

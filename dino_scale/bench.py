@@ -130,11 +130,11 @@ class _Candidates:
             self._model = inference_model_from_sidecar(self.meta)
         return self._model
 
-    def sibling(self, suffix: str, runtime: str) -> Path | None:
-        """NAME<suffix> beside the benchmarked artifact, if it was exported from the same source checkpoint."""
+    def sibling(self, suffix: str, runtime: str) -> tuple[Path, dict[str, Any]] | None:
+        """NAME<suffix> beside the benchmarked artifact and its sidecar, if exported from the same checkpoint."""
         path = self.artifact.with_suffix(suffix)
         if path == self.artifact:
-            return path
+            return path, self.meta
         try:
             meta = load_sidecar(path)
         except (ValueError, FileNotFoundError):
@@ -142,12 +142,12 @@ class _Candidates:
         if meta.get("source", {}).get("sha256") != self.meta["source"]["sha256"]:
             return None
         self.notes[runtime] = f"{path.name}, {meta['model']['precision']}"
-        return path
+        return path, meta
 
     def onnx(self) -> Path:
         found = self.sibling(".onnx", "onnxruntime")
         if found is not None:
-            return found
+            return found[0]
         path = self.scratch / "model.onnx"
         if not path.exists():
             self.echo("  building a temporary ONNX file from the source checkpoint")
@@ -180,7 +180,8 @@ class _Candidates:
             from dino_scale.tensorrt_engine import TensorRTRunner, build_engine, import_tensorrt
 
             import_tensorrt()
-            engine = self.sibling(".engine", "tensorrt")
+            found = self.sibling(".engine", "tensorrt")
+            engine = found[0] if found is not None else None
             if engine is None:
                 engine = self.scratch / "model.engine"
                 self.echo("  building a temporary TensorRT engine")
@@ -199,9 +200,9 @@ class _Candidates:
                 )
             return TensorRTRunner(engine, [o["name"] for o in self.meta["outputs"]])
         if name == "aoti":
-            package = self.sibling(".pt2", "aoti")
-            if package is not None and load_sidecar(package)["artifact"].get("device") != self.device.type:
-                package = None  # AOTI packages are compiled for one device type
+            found = self.sibling(".pt2", "aoti")
+            # AOTI packages are compiled for one device type
+            package = found[0] if found is not None and found[1]["artifact"].get("device") == self.device.type else None
             if package is None:
                 package = self.scratch / "model.pt2"
                 self.echo("  compiling a temporary AOTInductor package")
@@ -241,10 +242,10 @@ def run_bench(options: BenchOptions, echo: Callable[[str], None] = print) -> dic
             f"benchmarking {artifact.name}: batch {options.batch}, {image_size}px, {meta['model']['precision']}, "
             f"{device_name(device)}"
         )
+        images = example_input(uint8_input, image_size, options.batch)
         for name in names:
             try:
                 runner = candidates.runner(name)
-                images = example_input(uint8_input, image_size, options.batch)
                 seconds = time_runner(runner, images, options.warmup, options.iterations)
                 note = candidates.notes.get(name.split(":")[0], "")
                 rows.append(summarise(name, seconds, options.batch, note))

@@ -269,26 +269,14 @@ def parity_inputs(
 
 def real_images(shards: str | Path, image_size: int, count: int, as_uint8: bool) -> torch.Tensor | None:
     """The first ``count`` images of the shards, centre-cropped to ``image_size``: uint8 NHWC or normalised NCHW."""
-    from torchvision.transforms import v2
-
-    from dino_scale.augment import eval_transform
+    from dino_scale.augment import eval_crop, eval_transform
     from dino_scale.data import expand_shards, make_eval_loader
 
     try:
         urls = expand_shards(str(shards))
     except FileNotFoundError:
         return None
-    if as_uint8:
-        resize = int(image_size * 256 / 224)
-        transform: Callable = v2.Compose(
-            [
-                v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-                v2.CenterCrop(image_size),
-                v2.PILToTensor(),
-            ]
-        )
-    else:
-        transform = eval_transform(image_size, IMAGENET_MEAN, IMAGENET_STD)
+    transform = eval_crop(image_size) if as_uint8 else eval_transform(image_size, IMAGENET_MEAN, IMAGENET_STD)
     for images, _ in make_eval_loader(urls, transform, batch_size=count):
         return images.permute(0, 2, 3, 1).contiguous() if as_uint8 else images
     return None

@@ -62,7 +62,7 @@ def onnxruntime_providers() -> list[str]:
     return [p for p in providers if p in (*CUDA_PROVIDERS, "CPUExecutionProvider")]
 
 
-_NUMPY_TO_TORCH = {
+_ORT_TYPE_TO_TORCH = {
     "tensor(float)": torch.float32,
     "tensor(float16)": torch.float16,
     "tensor(bfloat16)": torch.bfloat16,
@@ -111,7 +111,6 @@ class OnnxRuntimeRunner:
         self.outputs = self.session.get_outputs()
         self.output_names = [o.name for o in self.outputs]
         self.output_shapes = output_shapes
-        self._ort = ort
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.device.type == "cpu":
@@ -135,7 +134,7 @@ class OnnxRuntimeRunner:
         results = []
         for output in self.outputs:
             shape = [images.shape[0] if d == "batch" else int(d) for d in self.output_shapes[output.name]]
-            tensor = torch.empty(shape, dtype=_NUMPY_TO_TORCH[output.type], device=self.device)
+            tensor = torch.empty(shape, dtype=_ORT_TYPE_TO_TORCH[output.type], device=self.device)
             binding.bind_output(
                 output.name, "cuda", tensor.device.index or 0, _numpy_dtype(tensor.dtype), shape, tensor.data_ptr()
             )
