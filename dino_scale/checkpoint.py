@@ -36,6 +36,8 @@ from torch import nn
 __all__ = [
     "CheckpointError",
     "atomic_torch_save",
+    "atomic_write",
+    "atomic_write_text",
     "extract_backbone_state_dict",
     "find_latest_checkpoint",
     "load_backbone_weights",
@@ -101,7 +103,7 @@ def _umask() -> int:
     return mask
 
 
-def _atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Run ``write(tmp_path)`` on a temp file next to ``path``, fsync it, then atomically rename it.
 
     The temp file lives in the same directory so that ``os.replace`` is a same-filesystem rename (atomic).
@@ -133,7 +135,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -142,7 +144,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     def write(tmp: Path) -> None:
         tmp.write_text(text, encoding="utf-8")
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -396,7 +398,7 @@ def save_safetensors(
     def write(tmp: Path) -> None:
         safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:

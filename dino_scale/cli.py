@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import click
 
@@ -156,6 +157,202 @@ def attention_command(**kwargs: object) -> None:
     except (ValueError, FileNotFoundError, ckpt.CheckpointError) as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"wrote {len(summary['files'])} PNGs ({summary['heads']} heads) to {kwargs['out_dir']}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Retrieval and evaluation
+# ----------------------------------------------------------------------------------------------------------
+
+_MODEL_HELP = "Exported artifact (with sidecar), run dir or checkpoint [default: the newest artifact in export/]."
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from dino_scale.runtimes import RuntimeUnavailable
+
+    return (ValueError, FileNotFoundError, ckpt.CheckpointError, RuntimeUnavailable)
+
+
+def _loader_options(command: Callable) -> Callable:
+    for option in reversed(
+        [
+            click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1)),
+            click.option("--workers", type=click.IntRange(min=0), help="DataLoader decode workers [default: cores-1]."),
+            click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (PyTorch models)."),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+@main.command("index")
+@click.option("--images", type=click.Path(exists=True, file_okay=False), help="Image folder (searched recursively).")
+@click.option("--shards", help="Local WebDataset shards: a folder, glob or brace pattern.")
+@click.option("--model", type=click.Path(exists=True), help=_MODEL_HELP)
+@click.option("--out", type=click.Path(file_okay=False), help="Index folder [default: index/<model name>].")
+@click.option("--descriptor", type=click.Choice(["cls", "cls+gem"]), help="[default: the index's, else cls]")
+@click.option(
+    "--index-type",
+    type=click.Choice(["auto", "flat", "hnsw", "ivfpq"]),
+    help="auto: exact below 100k vectors, HNSW above [default: the index's, else auto].",
+)
+@click.option("--whiten-on", help="Learn PCA whitening on these images (folder or shards) first.")
+@click.option("--whiten-dim", type=click.IntRange(min=1), help="Whitened dimensions [default: all].")
+@click.option("--image-size", type=int, help="Input size for run/checkpoint models [default: 224].")
+@click.option(
+    "--shard-size",
+    default=4096,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Rows per committed embedding shard (the most an interruption loses).",
+)
+@_loader_options
+def index_command(**kwargs: object) -> None:
+    """Embed images into a resumable, incremental faiss index (re-run to resume or to add new images)."""
+    import shlex
+    import sys
+
+    from dino_scale.retrieval import IndexOptions, run_index
+
+    try:
+        run_index(IndexOptions(**kwargs, command=shlex.join(["dino-scale", *sys.argv[1:]])), echo=click.echo)
+    except _user_errors() as error:
+        raise click.ClickException(str(error)) from None
+
+
+@main.command("search")
+@click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--query", required=True, type=click.Path(exists=True), help="An image, or a folder of images.")
+@click.option("-k", default=10, show_default=True, type=click.IntRange(min=1), help="Neighbours per query.")
+@click.option("--model", type=click.Path(exists=True), help="[default: the index's model; must be the same weights]")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_loader_options
+def search_command(index_dir: str, query: str, k: int, model: str | None, as_json: bool, **kwargs: object) -> None:
+    """Ranked nearest indexed images (cosine similarity) of each query image."""
+    from dino_scale.retrieval import search_images
+
+    try:
+        found = search_images(index_dir, query, k, model, **kwargs)
+    except _user_errors() as error:
+        raise click.ClickException(str(error)) from None
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    for result in found["results"]:
+        click.echo(f"query {result['query']}")
+        if "error" in result:
+            click.echo(f"  unreadable: {result['error']}")
+        for hit in result["neighbours"]:
+            click.echo(f"  {hit['rank']:>3d}  {hit['score']:.4f}  {hit['key']}")
+
+
+@main.command("dedup")
+@click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--threshold", required=True, type=float, help="Cosine similarity at or above which two are copies.")
+@click.option("-k", default=20, show_default=True, type=click.IntRange(min=2), help="Neighbours examined per image.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the groups as JSON here.")
+def dedup_command(index_dir: str, threshold: float, k: int, json_out: str | None) -> None:
+    """Groups of near-duplicate images in an index (copy detection)."""
+    from dino_scale.retrieval import find_duplicates
+
+    try:
+        found = find_duplicates(index_dir, threshold, k)
+    except _user_errors() as error:
+        raise click.ClickException(str(error)) from None
+    for number, group in enumerate(found["groups"], 1):
+        click.echo(f"group {number}: {group['size']} images (similarity >= {group['min_score']:.4f})")
+        for member in group["members"]:
+            click.echo(f"  {member}")
+    click.echo(f"{len(found['groups'])} group(s), {found['duplicates']} duplicate(s) among {found['images']} images")
+    if json_out:
+        ckpt.atomic_write_text(json_out, json.dumps(found, indent=2) + "\n")
+
+
+@main.group("eval")
+def eval_group() -> None:
+    """Evaluate frozen features: k-NN, linear probe, copy detection (attention maps: `dino-scale attention`)."""
+
+
+def _ks(value: str) -> list[int]:
+    try:
+        ks = [int(k) for k in value.split(",") if k.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}", param_hint="-k") from None
+    if not ks or min(ks) < 1:
+        raise click.BadParameter(f"expected positive integers, got {value!r}", param_hint="-k")
+    return ks
+
+
+@eval_group.command("knn")
+@click.option("--model", type=click.Path(exists=True), help=_MODEL_HELP)
+@click.option("--train", required=True, help="Labelled images: class folders, or shards with cls.")
+@click.option("--test", required=True, help="Labelled images: class folders, or shards with cls.")
+@click.option("-k", "ks", default="10,20,100,200", show_default=True, help="Comma-separated k values.")
+@click.option("--temperature", default=0.07, show_default=True, type=float)
+@click.option("--image-size", type=int, help="Input size for run/checkpoint models [default: 224].")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the results as JSON here.")
+@_loader_options
+def eval_knn_command(ks: str, **kwargs: object) -> None:
+    """Weighted k-NN classification (top-1/top-5) on L2-normalised CLS features, as in the paper."""
+    from dino_scale.evaluate import knn_eval
+
+    try:
+        knn_eval(ks=_ks(ks), echo=click.echo, **kwargs)
+    except _user_errors() as error:
+        raise click.ClickException(str(error)) from None
+
+
+@eval_group.command("linear")
+@click.option("--model", type=click.Path(exists=True), help=_MODEL_HELP)
+@click.option("--train", required=True, help="Labelled images: class folders, or shards with cls.")
+@click.option("--test", required=True, help="Labelled images: class folders, or shards with cls.")
+@click.option(
+    "--n-last-blocks",
+    default=4,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="CLS tokens of this many last blocks (paper: 4 for ViT-S, 1 for ViT-B).",
+)
+@click.option("--avgpool-patchtokens", is_flag=True, help="Also the mean patch token (paper: ViT-B).")
+@click.option("--epochs", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--which", type=click.Choice(["teacher", "student"]), default="teacher", show_default=True)
+@click.option("--image-size", type=int, help="Input size [default: the artifact's, else 224].")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the results as JSON here.")
+@_loader_options
+def eval_linear_command(**kwargs: object) -> None:
+    """Linear probe on frozen features (CLS of the last n blocks, optionally + mean patch token)."""
+    from dino_scale.evaluate import linear_eval
+
+    try:
+        linear_eval(echo=click.echo, **kwargs)
+    except _user_errors() as error:
+        raise click.ClickException(str(error)) from None
+
+
+@eval_group.command("copy-detection")
+@click.option("--model", type=click.Path(exists=True), help=_MODEL_HELP)
+@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False), help="The database images.")
+@click.option(
+    "--queries",
+    default=200,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Images to make a strong copy of (each copy is one query).",
+)
+@click.option("--descriptor", default="cls+gem", show_default=True, type=click.Choice(["cls", "cls+gem"]))
+@click.option("--whiten-on", help="Learn PCA whitening on these images (folder or shards), as the paper.")
+@click.option("--whiten-dim", type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--image-size", type=int, help="Input size for run/checkpoint models [default: 224].")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the results as JSON here.")
+@_loader_options
+def eval_copy_detection_command(**kwargs: object) -> None:
+    """Copy detection: strong Copydays-style copies as queries, all images as the database; mAP and micro-AP."""
+    from dino_scale.evaluate import copy_detection_eval
+
+    try:
+        copy_detection_eval(echo=click.echo, **kwargs)
+    except _user_errors() as error:
+        raise click.ClickException(str(error)) from None
 
 
 if __name__ == "__main__":

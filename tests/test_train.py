@@ -2,6 +2,9 @@
 
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -181,3 +184,16 @@ def test_demo_recipe_loss_falls_and_teacher_beats_random_init_on_knn(tmp_path: P
     assert sum(losses[-3:]) / 3 < losses[0] - 0.5
     assert final["knn_top1_teacher"] > final["knn_top1_random_init"] + 3.0, final
     assert json.loads((tmp_path / "knn.json").read_text())["knn_top1_teacher"] == final["knn_top1_teacher"]
+
+    # The demo's second half (scripts/demo_retrieval.sh): export -> index -> search -> eval knn on this run.
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(REPO / "scripts/demo_retrieval.sh"), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    query_key = next(line for line in lines if line.startswith("query: a mild copy")).split("#")[1]
+    first_hit = lines[next(n for n, line in enumerate(lines) if line.startswith("query ")) + 1].split()
+    assert first_hit[0] == "1" and first_hit[2].endswith(f"train-000002.tar#{query_key}"), done.stdout
+    knn_eval = json.loads((tmp_path / "retrieval/knn_eval.json").read_text())
+    # The exported ONNX at 64 px reproduces the training run's own k-NN number (same features, same k=20 vote).
+    assert abs(knn_eval["results"]["20"]["top1"] - final["knn_top1_teacher"]) < 1.0, (knn_eval["results"], final)
