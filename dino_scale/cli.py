@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -166,10 +167,15 @@ def attention_command(**kwargs: object) -> None:
 _MODEL_HELP = "Exported artifact (with sidecar), run dir or checkpoint [default: the newest artifact in export/]."
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
+def _run(function: Callable[..., Any], *args: object, **kwargs: object) -> Any:
+    """Call a command's implementation; bad input (a ValueError and kin, whose messages name the culprit) becomes a
+    one-line error and exit status 1 instead of a traceback."""
     from dino_scale.runtimes import RuntimeUnavailable
 
-    return (ValueError, FileNotFoundError, ckpt.CheckpointError, RuntimeUnavailable)
+    try:
+        return function(*args, **kwargs)
+    except (ValueError, FileNotFoundError, ckpt.CheckpointError, RuntimeUnavailable) as error:
+        raise click.ClickException(str(error)) from None
 
 
 def _loader_options(command: Callable) -> Callable:
@@ -213,10 +219,7 @@ def index_command(**kwargs: object) -> None:
 
     from dino_scale.retrieval import IndexOptions, run_index
 
-    try:
-        run_index(IndexOptions(**kwargs, command=shlex.join(["dino-scale", *sys.argv[1:]])), echo=click.echo)
-    except _user_errors() as error:
-        raise click.ClickException(str(error)) from None
+    _run(run_index, IndexOptions(**kwargs, command=shlex.join(["dino-scale", *sys.argv[1:]])), echo=click.echo)
 
 
 @main.command("search")
@@ -230,10 +233,7 @@ def search_command(index_dir: str, query: str, k: int, model: str | None, as_jso
     """Ranked nearest indexed images (cosine similarity) of each query image."""
     from dino_scale.retrieval import search_images
 
-    try:
-        found = search_images(index_dir, query, k, model, **kwargs)
-    except _user_errors() as error:
-        raise click.ClickException(str(error)) from None
+    found = _run(search_images, index_dir, query, k, model, **kwargs)
     if as_json:
         click.echo(json.dumps(found, indent=2))
         return
@@ -254,10 +254,7 @@ def dedup_command(index_dir: str, threshold: float, k: int, json_out: str | None
     """Groups of near-duplicate images in an index (copy detection)."""
     from dino_scale.retrieval import find_duplicates
 
-    try:
-        found = find_duplicates(index_dir, threshold, k)
-    except _user_errors() as error:
-        raise click.ClickException(str(error)) from None
+    found = _run(find_duplicates, index_dir, threshold, k)
     for number, group in enumerate(found["groups"], 1):
         click.echo(f"group {number}: {group['size']} images (similarity >= {group['min_score']:.4f})")
         for member in group["members"]:
@@ -295,10 +292,7 @@ def eval_knn_command(ks: str, **kwargs: object) -> None:
     """Weighted k-NN classification (top-1/top-5) on L2-normalised CLS features, as in the paper."""
     from dino_scale.evaluate import knn_eval
 
-    try:
-        knn_eval(ks=_ks(ks), echo=click.echo, **kwargs)
-    except _user_errors() as error:
-        raise click.ClickException(str(error)) from None
+    _run(knn_eval, ks=_ks(ks), echo=click.echo, **kwargs)
 
 
 @eval_group.command("linear")
@@ -322,10 +316,7 @@ def eval_linear_command(**kwargs: object) -> None:
     """Linear probe on frozen features (CLS of the last n blocks, optionally + mean patch token)."""
     from dino_scale.evaluate import linear_eval
 
-    try:
-        linear_eval(echo=click.echo, **kwargs)
-    except _user_errors() as error:
-        raise click.ClickException(str(error)) from None
+    _run(linear_eval, echo=click.echo, **kwargs)
 
 
 @eval_group.command("copy-detection")
@@ -349,10 +340,7 @@ def eval_copy_detection_command(**kwargs: object) -> None:
     """Copy detection: strong Copydays-style copies as queries, all images as the database; mAP and micro-AP."""
     from dino_scale.evaluate import copy_detection_eval
 
-    try:
-        copy_detection_eval(echo=click.echo, **kwargs)
-    except _user_errors() as error:
-        raise click.ClickException(str(error)) from None
+    _run(copy_detection_eval, echo=click.echo, **kwargs)
 
 
 if __name__ == "__main__":
