@@ -41,7 +41,7 @@ from dino_scale import checkpoint as ckpt
 from dino_scale.augment import eval_crop
 from dino_scale.data import CLASSES_FILE, IMAGE_EXTENSIONS, decode_image, expand_shards
 from dino_scale.inference import ExportInputError, InferenceModel, build_backbone, load_source
-from dino_scale.runtimes import Runner, RuntimeUnavailable, TorchRunner
+from dino_scale.runtimes import Runner, TorchRunner
 
 log = logging.getLogger(__name__)
 
@@ -616,7 +616,6 @@ __all__ = [
     "EmbeddingModel",
     "ImageItem",
     "RateMeter",
-    "RuntimeUnavailable",
     "Whitening",
     "embed",
     "embed_all",

@@ -461,13 +461,8 @@ def open_index(index_dir: str | Path) -> OpenIndex:
             f"{index_dir}: the faiss index holds {index.ntotal} vectors, the manifest {info['num_vectors']}; an index "
             "run was interrupted while saving: run the same dino-scale index command again"
         )
-    vector_index.set_search_params(index, **_search_params(info))
     whitening = Whitening.load(index_dir / manifest["whitening"]["file"]) if manifest.get("whitening") else None
     return OpenIndex(index_dir, manifest, index, rows, _committed_rows(index_dir, manifest), whitening)
-
-
-def _search_params(info: dict[str, Any]) -> dict[str, Any]:
-    return {k: info[k] for k in ("ef_search", "nprobe", "k_factor") if info.get(k) is not None}
 
 
 def query_model(opened: OpenIndex, model: str | None, device: str = "auto") -> EmbeddingModel:
