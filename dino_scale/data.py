@@ -60,6 +60,7 @@ __all__ = [
     "count_samples",
     "decode_image",
     "expand_shards",
+    "is_remote",
     "load_classes",
     "make_eval_loader",
     "make_train_loader",
@@ -130,7 +131,7 @@ def _generator(*parts: object) -> torch.Generator:
     return gen
 
 
-def _is_remote(url: str) -> bool:
+def is_remote(url: str) -> bool:
     # webdataset opens these through gopen (curl, pipes, ...); they cannot be stat'ed or globbed locally.
     return ("://" in url and not url.startswith("file://")) or url.startswith("pipe:")
 
@@ -373,7 +374,7 @@ def expand_shards(pattern: str | os.PathLike[str] | Sequence[str | os.PathLike[s
     seen: set[str] = set()
     for pat in patterns:
         for item in braceexpand(pat):
-            if _is_remote(item):
+            if is_remote(item):
                 found = [item]
             else:
                 local = os.path.expanduser(item)
@@ -418,7 +419,7 @@ def _scan_count(url: str) -> int:
             if prefix is not None:
                 keys.add(prefix)
 
-    if _is_remote(url):
+    if is_remote(url):
         with wds.gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             add_members(tar)
     else:
@@ -437,7 +438,7 @@ def count_samples(urls: Sequence[str]) -> int:
     total = 0
     indexes: dict[Path, dict[str, int]] = {}
     for url in urls:
-        if not _is_remote(url):
+        if not is_remote(url):
             path = Path(url)
             if path.parent not in indexes:
                 indexes[path.parent] = _read_index(path.parent)
@@ -452,7 +453,7 @@ def count_samples(urls: Sequence[str]) -> int:
 def load_classes(urls: Sequence[str]) -> list[str]:
     """Class names from the ``classes.json`` beside the first local shard (empty list if there is none)."""
     for url in urls:
-        if not _is_remote(url):
+        if not is_remote(url):
             try:
                 return [str(c) for c in json.loads((Path(url).parent / CLASSES_FILE).read_text())]
             except (OSError, ValueError, TypeError):

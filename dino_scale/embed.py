@@ -39,7 +39,7 @@ from webdataset.tariterators import base_plus_ext
 
 from dino_scale import checkpoint as ckpt
 from dino_scale.augment import eval_crop
-from dino_scale.data import CLASSES_FILE, IMAGE_EXTENSIONS, decode_image, expand_shards
+from dino_scale.data import CLASSES_FILE, IMAGE_EXTENSIONS, decode_image, expand_shards, is_remote
 from dino_scale.inference import ExportInputError, InferenceModel, build_backbone, load_source
 from dino_scale.runtimes import Runner, TorchRunner
 
@@ -127,7 +127,7 @@ def list_shard_items(pattern: str | Sequence[str]) -> list[ImageItem]:
     """
     items: list[ImageItem] = []
     for url in expand_shards(pattern):
-        if "://" in url and not url.startswith("file://") or url.startswith("pipe:"):
+        if is_remote(url):
             raise ValueError(f"--shards: {url} is remote; indexing reads local shards only (copy them first)")
         path = os.path.abspath(url.removeprefix("file://"))  # keys must not depend on the working directory
         members: dict[str, dict[str, tarfile.TarInfo]] = {}
@@ -159,11 +159,16 @@ def shard_classes(pattern: str | Sequence[str]) -> list[str]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
+def _is_image_folder(source: str) -> bool:
+    """A folder of images (or of class folders), as opposed to shards: a folder of .tar files or a pattern."""
+    path = Path(source)
+    return path.is_dir() and not any(path.glob("*.tar"))
+
+
 def list_labelled(source: str) -> tuple[list[ImageItem], list[str]]:
     """Labelled images for evaluation: a class-folder tree, or shards (a folder of .tar files or a pattern)."""
-    path = Path(source)
-    if path.is_dir() and not any(path.glob("*.tar")):
-        return list_class_folder(path)
+    if _is_image_folder(source):
+        return list_class_folder(source)
     items = list_shard_items(source)
     unlabelled = [i.key for i in items if i.label is None]
     if unlabelled:
@@ -173,9 +178,8 @@ def list_labelled(source: str) -> tuple[list[ImageItem], list[str]]:
 
 def list_image_source(source: str) -> list[ImageItem]:
     """Images named by one string: a folder of image files, or shards (a folder of .tar files or a pattern)."""
-    path = Path(source)
-    if path.is_dir() and not any(path.glob("*.tar")):
-        return list_image_files(path)[0]
+    if _is_image_folder(source):
+        return list_image_files(source)[0]
     return list_shard_items(source)
 
 
@@ -419,6 +423,16 @@ def finish_descriptors(raw: np.ndarray, whitening: Whitening | None) -> np.ndarr
     return l2_normalise(whitening(raw) if whitening is not None else raw)
 
 
+def learn_whitening(
+    model: EmbeddingModel, source: str, descriptor: str, out_dim: int | None = None, **loader: Any
+) -> tuple[Whitening, int, int]:
+    """PCA whitening learned on the raw descriptors of the images named by ``source`` (a folder or shards);
+    returns it with the number of images it was learned on and the number skipped as unreadable.
+    ``loader``: ``batch_size``, ``workers``, ``progress`` as for :func:`embed`."""
+    raw, _, skipped = embed_all(model, list_image_source(source), descriptor, raw=True, **loader)
+    return Whitening.learn(raw, out_dim), int(raw.shape[0]), len(skipped)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Decoding in DataLoader workers
 # ----------------------------------------------------------------------------------------------------------
@@ -620,6 +634,7 @@ __all__ = [
     "embed",
     "embed_all",
     "finish_descriptors",
+    "learn_whitening",
     "list_class_folder",
     "list_image_files",
     "list_image_source",

@@ -24,17 +24,24 @@ import torch
 from dino_scale import checkpoint as ckpt
 from dino_scale.augment import IMAGENET_MEAN, IMAGENET_STD
 from dino_scale.embed import (
+    ARTIFACT_SUFFIXES,
+    DEFAULT_IMAGE_SIZE,
     EmbeddingModel,
     ImageItem,
-    Whitening,
+    check_descriptor,
+    embed,
     embed_all,
     iterate_crops,
+    learn_whitening,
     list_image_files,
-    list_image_source,
     list_labelled,
     load_embedding_model,
+    newest_artifact,
 )
+from dino_scale.export import backbone_from_sidecar, load_sidecar
+from dino_scale.inference import build_backbone, load_source
 from dino_scale.knn import knn_accuracy
+from dino_scale.runtimes import RuntimeUnavailable
 
 KNN_KS = (10, 20, 100, 200)
 KNN_TEMPERATURE = 0.07
@@ -121,26 +128,17 @@ def knn_eval(
 def _probe_backbone(model: str | None, image_size: int | None, which: str) -> tuple[torch.nn.Module, int, str]:
     """The PyTorch backbone behind ``model``: a run / checkpoint directly, an artifact through its sidecar's source
     (intermediate blocks are not among an artifact's outputs)."""
-    from dino_scale.embed import ARTIFACT_SUFFIXES, DEFAULT_IMAGE_SIZE, newest_artifact
-    from dino_scale.export import load_sidecar
-    from dino_scale.inference import build_backbone, load_source
-
     path = Path(model) if model is not None else newest_artifact()
-    arch = timm_kwargs = None
     if path.is_file() and path.suffix in ARTIFACT_SUFFIXES:
         meta = load_sidecar(path)
-        source_path = Path(meta["source"]["path"])
-        if not source_path.exists():
-            raise FileNotFoundError(
-                f"the linear probe needs the PyTorch weights that {path} was exported from ({source_path}), which "
-                "are gone; pass --model RUN_DIR_OR_CHECKPOINT"
-            )
         size = image_size or int(meta["model"]["image_size"])
-        arch, timm_kwargs, which = meta["model"]["arch"], meta["model"]["timm_kwargs"], meta["source"]["which"]
-        path = source_path
-    else:
-        size = image_size or DEFAULT_IMAGE_SIZE
-    backbone, _, _ = build_backbone(load_source(path, which), size, arch, timm_kwargs)
+        try:
+            backbone = backbone_from_sidecar(meta, size)
+        except RuntimeUnavailable as error:
+            raise FileNotFoundError(f"the linear probe: {error}; pass --model RUN_DIR_OR_CHECKPOINT") from None
+        return backbone, size, meta["source"]["path"]
+    size = image_size or DEFAULT_IMAGE_SIZE
+    backbone, _, _ = build_backbone(load_source(path, which), size)
     return backbone, size, str(path)
 
 
@@ -268,8 +266,6 @@ def copy_detection_eval(
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Strong synthetic copies of ``queries`` randomly chosen images, searched among all images of ``images``."""
-    from dino_scale.embed import check_descriptor
-
     if queries < 1:
         raise ValueError(f"--queries must be >= 1, got {queries}")
     embedding_model = load_embedding_model(model, image_size, check_descriptor(descriptor), device=device)
@@ -282,11 +278,8 @@ def copy_detection_eval(
         raise ValueError(f"--images {images}: copy detection needs at least 2 images, found {len(database)}")
     whitening = None
     if whiten_on is not None:
-        items = list_image_source(whiten_on)
-        raw, _, _ = embed_all(
-            embedding_model, items, descriptor, batch_size=batch_size, workers=workers, raw=True, progress=progress
-        )
-        whitening = Whitening.learn(raw, whiten_dim)
+        loader = {"batch_size": batch_size, "workers": workers, "progress": progress}
+        whitening, _, _ = learn_whitening(embedding_model, whiten_on, descriptor, whiten_dim, **loader)
     db_vectors, db_indices, db_skipped = embed_all(
         embedding_model,
         database,
@@ -301,11 +294,7 @@ def copy_detection_eval(
     query_items = [
         ImageItem(key=f"copy-{n}", path=database[i].path, copy_seed=seed * 1_000_003 + n) for n, i in enumerate(chosen)
     ]
-    batches = []
-    from dino_scale.embed import embed
-
-    for batch in embed(embedding_model, query_items, descriptor, whitening, batch_size, workers, progress=progress):
-        batches.append(batch)
+    batches = list(embed(embedding_model, query_items, descriptor, whitening, batch_size, workers, progress=progress))
     q_vectors = np.concatenate([b.vectors for b in batches if b.indices])
     q_indices = [i for b in batches for i in b.indices]
     q_edits = [info.get("edits", []) for b in batches for info in b.info]

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from dino_scale import checkpoint as ckpt
 from dino_scale.augment import IMAGENET_MEAN, IMAGENET_STD
@@ -536,14 +537,23 @@ def load_sidecar(artifact: str | Path) -> dict[str, Any]:
     return meta
 
 
-def inference_model_from_sidecar(meta: dict[str, Any], precision: str | None = None) -> InferenceModel:
-    """Rebuild the PyTorch model an artifact was exported from (needs the source checkpoint on disk)."""
+def backbone_from_sidecar(meta: dict[str, Any], image_size: int | None = None) -> nn.Module:
+    """The timm backbone an artifact was exported from, at ``image_size`` (default: the artifact's); needs the source
+    checkpoint on disk."""
     source_path = Path(meta["source"]["path"])
     if not source_path.exists():
         raise RuntimeUnavailable(f"the PyTorch model needs the source checkpoint {source_path}, which is gone")
     source = load_source(source_path, meta["source"]["which"])
     model_meta = meta["model"]
-    backbone, _, _ = build_backbone(source, model_meta["image_size"], model_meta["arch"], model_meta["timm_kwargs"])
+    size = image_size or model_meta["image_size"]
+    backbone, _, _ = build_backbone(source, size, model_meta["arch"], model_meta["timm_kwargs"])
+    return backbone
+
+
+def inference_model_from_sidecar(meta: dict[str, Any], precision: str | None = None) -> InferenceModel:
+    """Rebuild the PyTorch model an artifact was exported from (needs the source checkpoint on disk)."""
+    model_meta = meta["model"]
+    backbone = backbone_from_sidecar(meta)
     outputs = [o["name"] for o in meta["outputs"]]
     uint8 = meta["inputs"][0]["dtype"] == "uint8"
     return InferenceModel(backbone, outputs, uint8, compute_dtype=PRECISIONS[precision or model_meta["precision"]])

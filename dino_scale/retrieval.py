@@ -39,9 +39,8 @@ from dino_scale.embed import (
     Whitening,
     check_descriptor,
     embed,
-    embed_all,
+    learn_whitening,
     list_image_files,
-    list_image_source,
     list_images,
     load_embedding_model,
 )
@@ -199,25 +198,23 @@ def load_vectors(index_dir: Path, manifest: dict[str, Any], rows: np.ndarray) ->
 def _learn_whitening(
     options: IndexOptions, model: EmbeddingModel, descriptor: str, path: Path, echo: Callable[[str], None]
 ) -> dict[str, Any]:
-    items = list_image_source(options.whiten_on)
-    echo(f"learning PCA whitening on {len(items)} image(s) from {options.whiten_on}")
-    raw, _, skipped = embed_all(
+    echo(f"learning PCA whitening on the images of {options.whiten_on}")
+    whitening, images, skipped = learn_whitening(
         model,
-        items,
+        options.whiten_on,
         descriptor,
+        options.whiten_dim,
         batch_size=options.batch_size,
         workers=options.workers,
-        raw=True,
         progress=options.progress,
     )
-    whitening = Whitening.learn(raw, options.whiten_dim)
     whitening.save(path)
     return {
         "file": path.name,
         "sha256": file_sha256(path),
         "learned_on": str(options.whiten_on),
-        "images": int(raw.shape[0]),
-        "skipped": len(skipped),
+        "images": images,
+        "skipped": skipped,
         "in_dim": whitening.in_dim,
         "out_dim": whitening.out_dim,
     }
