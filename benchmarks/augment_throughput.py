@@ -1,4 +1,4 @@
-"""Single-core throughput of DINO multi-crop augmentation: PIL baseline vs ``dino_scale.augment``.
+"""Single-core throughput of DINO multi-crop augmentation: PIL baseline vs ``dino_scale.data.augment``.
 
 Measures images/s on ONE core (``torch.set_num_threads(1)``, one process) for JPEG decode + 2 global
 (224 px) + 8 local (96 px) crops + everything needed to hand the model normalised float32 batches:
@@ -33,7 +33,7 @@ import torchvision
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 from torchvision import transforms
 
-from dino_scale.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugmentation
+from dino_scale.data.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugmentation
 
 
 def make_test_jpegs(n: int, width: int = 500, height: int = 375, seed: int = 0) -> list[bytes]:

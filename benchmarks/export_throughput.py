@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from dino_scale import checkpoint as ckpt
-from dino_scale.bench import BenchOptions, run_bench
-from dino_scale.export import FORMATS, ExportOptions, run_export
-from dino_scale.models import create_backbone
+from dino_scale.export.bench import BenchOptions, run_bench
+from dino_scale.export.exporter import FORMATS, ExportOptions, run_export
+from dino_scale.io import atomic_write_json, save_safetensors
+from dino_scale.models.backbones import create_backbone
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         backbone = create_backbone(args.arch, **extra)
         weights = work / "backbone.safetensors"
         metadata = {"arch": args.arch, "timm_kwargs": json.dumps(extra)}
-        ckpt.save_safetensors(backbone.state_dict(), weights, metadata=metadata)
+        save_safetensors(backbone.state_dict(), weights, metadata=metadata)
         artifact = work / f"model{FORMATS[args.format]}"
         run_export(
             ExportOptions(
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             )
             results.append(run_bench(options))
     if args.json:
-        ckpt.atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
+        atomic_write_json(args.json, results)
         print(f"wrote {args.json}")
     return results
 

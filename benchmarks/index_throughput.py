@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dino_scale import checkpoint as ckpt
-from dino_scale.bench import BenchOptions, run_bench
-from dino_scale.export import ExportOptions, run_export
-from dino_scale.models import create_backbone
-from dino_scale.retrieval import IndexOptions, run_index
+from dino_scale.export.bench import BenchOptions, run_bench
+from dino_scale.export.exporter import ExportOptions, run_export
+from dino_scale.io import atomic_write_json, save_safetensors
+from dino_scale.models.backbones import create_backbone
+from dino_scale.retrieval.index import IndexOptions, run_index
 
 
 def write_photos(folder: Path, count: int, width: int, height: int, seed: int = 0) -> None:
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
         write_photos(work / "images", args.images, args.width, args.height)
         torch.manual_seed(0)
         weights = work / "backbone.safetensors"
-        ckpt.save_safetensors(create_backbone(args.arch).state_dict(), weights, metadata={"arch": args.arch})
+        save_safetensors(create_backbone(args.arch).state_dict(), weights, metadata={"arch": args.arch})
         artifact = work / "model.onnx"
         outputs = "cls,patch_gem" if args.descriptor == "cls+gem" else "cls"
         run_export(
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(json.dumps(result, indent=2))
     if args.json:
-        ckpt.atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+        atomic_write_json(args.json, result)
     return result
 
 

@@ -1,4 +1,4 @@
-"""Single-query search latency and recall@k of ``dino_scale.vector_index`` indexes.
+"""Single-query search latency and recall@k of ``dino_scale.retrieval.vector_index`` indexes.
 
 Product target: p50 <= 5 ms per query on CPU with an approximate index over 1M x 384 random unit vectors, with
 recall@10 >= 0.95 reported beside it.
@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dino_scale import vector_index  # noqa: E402
+from dino_scale.retrieval import vector_index  # noqa: E402
 
 
 def unit_vectors(num: int, dim: int, rng: np.random.Generator, chunk: int = 100_000) -> np.ndarray:

@@ -1,18 +1,21 @@
-"""The `dino-scale` command line."""
+"""The `dino-scale` command line: thin commands over the rooms below it.
+
+Every command reports bad input (a DinoScaleError) as one line naming the flag, through dino_scale.command. Nothing
+heavy is imported at start-up (each command imports what it runs), so that `dino-scale --help` answers at once.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
 
 import click
 
-from dino_scale import checkpoint as ckpt
-from dino_scale.train import train_command
+from dino_scale.command import Group
+from dino_scale.train.command import train_command
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dino-scale")
 def main() -> None:
     """DINO self-supervised training, from one CPU to many GPUs."""
@@ -35,7 +38,7 @@ main.add_command(train_command)
 @click.option("--max-image-side", type=click.IntRange(min=16), help="Re-encode images larger than this.")
 def shard_command(images_dir: str, out_dir: str, maxcount: int, prefix: str, max_image_side: int | None) -> None:
     """Write WebDataset .tar shards (plus classes.json and shards.json) from an image folder."""
-    from dino_scale.data import write_shards
+    from dino_scale.data.shards import write_shards
 
     report = write_shards(
         images_dir, out_dir, maxcount=maxcount, prefix=prefix, max_image_side=max_image_side, progress=True
@@ -61,17 +64,19 @@ def shard_command(images_dir: str, out_dir: str, maxcount: int, prefix: str, max
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .safetensors file.")
 def convert_command(source: str, arch: str, which: str, timm_kwargs: str, out: str) -> None:
     """Import a backbone (e.g. an official DINO checkpoint) as timm-named safetensors, verified by loading it."""
-    from dino_scale.models import create_backbone
+    from dino_scale.errors import blame
+    from dino_scale.io import save_safetensors
+    from dino_scale.models.backbones import create_backbone
+    from dino_scale.models.weights import extract_backbone_state_dict, load_backbone_weights
 
-    try:
-        extra = json.loads(timm_kwargs)
-        weights = ckpt.extract_backbone_state_dict(source, which=which)
+    extra = _json_option(timm_kwargs, "--timm-kwargs")
+    with blame("source"):
+        weights = extract_backbone_state_dict(source, which=which)
+    with blame("arch"):
         backbone = create_backbone(arch, **extra)
-        ckpt.load_backbone_weights(backbone, weights, source=source)
-    except (ValueError, ckpt.CheckpointError) as error:  # JSON, architecture mismatch, unreadable file
-        raise click.ClickException(str(error)) from None
+    load_backbone_weights(backbone, weights, source=source)
     state = {name: tensor.detach().contiguous() for name, tensor in backbone.state_dict().items()}
-    ckpt.save_safetensors(state, out, metadata={"arch": arch, "timm_kwargs": json.dumps(extra), "source": source})
+    save_safetensors(state, out, metadata={"arch": arch, "timm_kwargs": json.dumps(extra), "source": source})
     click.echo(f"wrote {out}: {arch} backbone, {len(state)} tensors, from {source} ({which})")
 
 
@@ -109,18 +114,11 @@ def export_command(fmt: str, timm_kwargs: str | None, **kwargs: object) -> None:
     import shlex
     import sys
 
-    from dino_scale.export import ExportOptions, ParityError, run_export
-    from dino_scale.runtimes import RuntimeUnavailable
+    from dino_scale.export.exporter import ExportOptions, run_export
 
-    try:
-        extra = json.loads(timm_kwargs) if timm_kwargs else None
-    except ValueError as error:
-        raise click.BadParameter(f"not valid JSON: {error}", param_hint="--timm-kwargs") from None
+    extra = _json_option(timm_kwargs, "--timm-kwargs") if timm_kwargs else None
     options = ExportOptions(format=fmt, timm_kwargs=extra, command=shlex.join(["dino-scale", *sys.argv[1:]]), **kwargs)
-    try:
-        run_export(options, echo=click.echo)
-    except (ValueError, ParityError, RuntimeUnavailable, FileNotFoundError, ckpt.CheckpointError) as error:
-        raise click.ClickException(str(error)) from None
+    run_export(options, echo=click.echo)
 
 
 @main.command("bench")
@@ -133,12 +131,9 @@ def export_command(fmt: str, timm_kwargs: str | None, **kwargs: object) -> None:
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results as JSON here.")
 def bench_command(**kwargs: object) -> None:
     """Throughput (images/s) and latency percentiles of an exported model in every runtime available here."""
-    from dino_scale.bench import BenchOptions, run_bench
+    from dino_scale.export.bench import BenchOptions, run_bench
 
-    try:
-        run_bench(BenchOptions(**kwargs), echo=click.echo)
-    except (ValueError, FileNotFoundError) as error:  # bad artifact / sidecar / --runtimes / --device
-        raise click.ClickException(str(error)) from None
+    run_bench(BenchOptions(**kwargs), echo=click.echo)
 
 
 @main.command("attention")
@@ -151,12 +146,9 @@ def bench_command(**kwargs: object) -> None:
 @click.option("--arch", help="timm model name; needed only where the checkpoint does not record it.")
 def attention_command(**kwargs: object) -> None:
     """Last-layer CLS attention of a ViT on one image: a PNG per head, and the heads' 60%-mass masks overlaid."""
-    from dino_scale.attention import attention_maps
+    from dino_scale.eval.attention import attention_maps
 
-    try:
-        summary = attention_maps(**kwargs)
-    except (ValueError, FileNotFoundError, ckpt.CheckpointError) as error:
-        raise click.ClickException(str(error)) from None
+    summary = attention_maps(**kwargs)
     click.echo(f"wrote {len(summary['files'])} PNGs ({summary['heads']} heads) to {kwargs['out_dir']}")
 
 
@@ -165,17 +157,6 @@ def attention_command(**kwargs: object) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 _MODEL_HELP = "Exported artifact (with sidecar), run dir or checkpoint [default: the newest artifact in export/]."
-
-
-def _run(function: Callable[..., Any], *args: object, **kwargs: object) -> Any:
-    """Call a command's implementation; bad input (a ValueError and kin, whose messages name the culprit) becomes a
-    one-line error and exit status 1 instead of a traceback."""
-    from dino_scale.runtimes import RuntimeUnavailable
-
-    try:
-        return function(*args, **kwargs)
-    except (ValueError, FileNotFoundError, ckpt.CheckpointError, RuntimeUnavailable) as error:
-        raise click.ClickException(str(error)) from None
 
 
 def _loader_options(command: Callable) -> Callable:
@@ -217,9 +198,9 @@ def index_command(**kwargs: object) -> None:
     import shlex
     import sys
 
-    from dino_scale.retrieval import IndexOptions, run_index
+    from dino_scale.retrieval.index import IndexOptions, run_index
 
-    _run(run_index, IndexOptions(**kwargs, command=shlex.join(["dino-scale", *sys.argv[1:]])), echo=click.echo)
+    run_index(IndexOptions(**kwargs, command=shlex.join(["dino-scale", *sys.argv[1:]])), echo=click.echo)
 
 
 @main.command("search")
@@ -231,9 +212,9 @@ def index_command(**kwargs: object) -> None:
 @_loader_options
 def search_command(index_dir: str, query: str, k: int, model: str | None, as_json: bool, **kwargs: object) -> None:
     """Ranked nearest indexed images (cosine similarity) of each query image."""
-    from dino_scale.retrieval import search_images
+    from dino_scale.retrieval.index import search_images
 
-    found = _run(search_images, index_dir, query, k, model, **kwargs)
+    found = search_images(index_dir, query, k, model, **kwargs)
     if as_json:
         click.echo(json.dumps(found, indent=2))
         return
@@ -252,21 +233,32 @@ def search_command(index_dir: str, query: str, k: int, model: str | None, as_jso
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the groups as JSON here.")
 def dedup_command(index_dir: str, threshold: float, k: int, json_out: str | None) -> None:
     """Groups of near-duplicate images in an index (copy detection)."""
-    from dino_scale.retrieval import find_duplicates
+    from dino_scale.io import atomic_write_json
+    from dino_scale.retrieval.index import find_duplicates
 
-    found = _run(find_duplicates, index_dir, threshold, k)
+    found = find_duplicates(index_dir, threshold, k)
     for number, group in enumerate(found["groups"], 1):
         click.echo(f"group {number}: {group['size']} images (similarity >= {group['min_score']:.4f})")
         for member in group["members"]:
             click.echo(f"  {member}")
     click.echo(f"{len(found['groups'])} group(s), {found['duplicates']} duplicate(s) among {found['images']} images")
     if json_out:
-        ckpt.atomic_write_text(json_out, json.dumps(found, indent=2) + "\n")
+        atomic_write_json(json_out, found)
 
 
-@main.group("eval")
+@main.group("eval", cls=Group)
 def eval_group() -> None:
     """Evaluate frozen features: k-NN, linear probe, copy detection (attention maps: `dino-scale attention`)."""
+
+
+def _json_option(value: str, flag: str) -> dict:
+    try:
+        parsed = json.loads(value)
+    except ValueError as error:
+        raise click.BadParameter(f"not valid JSON: {error}", param_hint=flag) from None
+    if not isinstance(parsed, dict):
+        raise click.BadParameter(f"expected a JSON object, got {value!r}", param_hint=flag)
+    return parsed
 
 
 def _ks(value: str) -> list[int]:
@@ -290,9 +282,9 @@ def _ks(value: str) -> list[int]:
 @_loader_options
 def eval_knn_command(ks: str, **kwargs: object) -> None:
     """Weighted k-NN classification (top-1/top-5) on L2-normalised CLS features, as in the paper."""
-    from dino_scale.evaluate import knn_eval
+    from dino_scale.eval.knn import knn_eval
 
-    _run(knn_eval, ks=_ks(ks), echo=click.echo, **kwargs)
+    knn_eval(ks=_ks(ks), echo=click.echo, **kwargs)
 
 
 @eval_group.command("linear")
@@ -314,9 +306,9 @@ def eval_knn_command(ks: str, **kwargs: object) -> None:
 @_loader_options
 def eval_linear_command(**kwargs: object) -> None:
     """Linear probe on frozen features (CLS of the last n blocks, optionally + mean patch token)."""
-    from dino_scale.evaluate import linear_eval
+    from dino_scale.eval.linear import linear_eval
 
-    _run(linear_eval, echo=click.echo, **kwargs)
+    linear_eval(echo=click.echo, **kwargs)
 
 
 @eval_group.command("copy-detection")
@@ -338,9 +330,9 @@ def eval_linear_command(**kwargs: object) -> None:
 @_loader_options
 def eval_copy_detection_command(**kwargs: object) -> None:
     """Copy detection: strong Copydays-style copies as queries, all images as the database; mAP and micro-AP."""
-    from dino_scale.evaluate import copy_detection_eval
+    from dino_scale.eval.copy_detection import copy_detection_eval
 
-    _run(copy_detection_eval, echo=click.echo, **kwargs)
+    copy_detection_eval(echo=click.echo, **kwargs)
 
 
 if __name__ == "__main__":

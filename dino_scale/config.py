@@ -16,11 +16,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from dino_scale.errors import ConfigError
+
 BACKENDS = ("auto", "local", "ddp", "deepspeed", "fsdp")
-
-
-class ConfigError(ValueError):
-    """A recipe that cannot be used; the message names the file and the key at fault."""
 
 
 class _Strict(BaseModel):
@@ -218,14 +216,14 @@ class TrainConfig(_Strict):
             global_batch = int(ds["train_batch_size"])
             accumulation, rest = divmod(global_batch, per_step)
             if rest or accumulation < 1:
-                raise ValueError(
+                raise ConfigError(
                     f"deepspeed.train_batch_size={global_batch} is not a multiple of micro batch {micro} x "
                     f"{world_size} process(es) = {per_step}; change train_micro_batch_size_per_gpu or the number "
                     "of processes, or drop train_batch_size to let the global batch follow the world size"
                 )
             given = ds.get("gradient_accumulation_steps")
             if given is not None and given != accumulation:
-                raise ValueError(
+                raise ConfigError(
                     f"deepspeed.train_batch_size={global_batch} needs gradient_accumulation_steps={accumulation} "
                     f"with micro batch {micro} on {world_size} process(es), but the recipe sets {given}"
                 )

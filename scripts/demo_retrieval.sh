@@ -15,7 +15,7 @@ dino index --shards shards/sample/train --model "$work/demo.onnx" --out "$work/i
 "$py" - "$work/query.jpg" <<'PY'
 import io, random, sys, tarfile
 from PIL import Image
-from dino_scale.copy_transforms import mild_copy
+from dino_scale.data.copies import mild_copy
 with tarfile.open("shards/sample/train/train-000002.tar") as tar:
     member = next(m for m in tar if m.name.endswith(".jpg"))
     image = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")

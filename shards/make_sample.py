@@ -12,7 +12,7 @@ are invariant to crop, zoom, flip and lighting: exactly the invariances DINO's m
 is what makes the dataset useful for a demo that runs for minutes on a CPU: a short DINO run measurably beats a
 randomly initialised network of the same architecture on k-NN, the paper's headline measure, and the same data
 exercises retrieval and copy detection later. Images are written into a temporary class-folder tree and packed
-with :func:`dino_scale.data.write_shards`.
+with :func:`dino_scale.data.shards.write_shards`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
-from dino_scale.data import write_shards
+from dino_scale.data.shards import write_shards
 
 CLASSES = ("place_a", "place_b", "place_c", "place_d", "place_e", "place_f")
 PLACE_SEED = 7  # fixes the six places; the views are seeded by (split, class, index)

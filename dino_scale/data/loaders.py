@@ -1,0 +1,452 @@
+"""DataLoaders: the multi-crop training stream, and decoded, centre-cropped images for evaluation and indexing.
+
+The training loader is built for exact resume and multi-rank training:
+
+* Shard order is shuffled per epoch from ``(seed, epoch)`` and split first by rank, then by DataLoader worker.
+* Each worker shuffles its raw (still encoded) samples in a buffer seeded from ``(seed, epoch, reader index)``
+  and assembles whole batches itself, so the DataLoader (``batch_size=None``) yields batch ``i`` from worker
+  ``i % num_workers``.
+* Every batch occupies exactly ``batch_size`` consecutive raw samples of its worker's stream. A sample that
+  fails to decode is dropped (its key is reported in ``TrainBatch.skipped``) and its slot is refilled with a
+  freshly augmented copy of another good sample of the *same* batch. Because the number of raw samples a batch
+  consumes therefore never depends on the image bytes, resuming at batch ``n`` can skip the earlier batches'
+  samples without decoding them and still reproduce the uninterrupted run bit for bit.
+* Each sample's augmentation draws from its own ``torch.Generator`` seeded from a stable hash of
+  ``(seed, epoch, key)``, so the views do not depend on which worker decoded the sample.
+
+The evaluation loader (:func:`iterate_crops`) decodes listed items (dino_scale.data.items) in workers and keeps
+their order.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import itertools
+import logging
+import os
+import random
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from dino_scale.data.augment import eval_crop, normalize
+from dino_scale.data.copies import strong_copy
+from dino_scale.data.decode import decode_image
+from dino_scale.data.items import ImageItem
+from dino_scale.data.shards import iter_raw_samples, sample_image_bytes
+from dino_scale.errors import InputError
+from dino_scale.progress import Progress
+
+logger = logging.getLogger(__name__)
+
+# If this many samples in a row fail to decode while no good one is available for a batch, the data (or the
+# decoder) is broken, and looping forever over it would hang the job instead of failing it.
+_MAX_CONSECUTIVE_FAILURES = 10_000
+
+
+class Augmentation(Protocol):
+    """What the training loader needs from ``dino_scale.data.augment.MultiCropAugmentation``."""
+
+    def __call__(self, image: Image.Image, generator: torch.Generator) -> list[torch.Tensor]: ...
+
+
+def stable_seed(*parts: object) -> int:
+    """Return a 63-bit seed that depends only on ``parts`` (never on the interpreter's hash randomisation).
+
+    Used for every seed in this module so that two processes (ranks, workers, restarts) derive identical
+    random streams from identical inputs.
+    """
+    text = "\x1f".join(str(p) for p in parts)
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _generator(*parts: object) -> torch.Generator:
+    gen = torch.Generator()
+    gen.manual_seed(stable_seed(*parts))
+    return gen
+
+
+def identity_collate(batch: Any) -> Any:
+    # Module-level (picklable) collate_fn: batches are assembled inside the datasets or by the caller.
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training loader
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainBatch:
+    """One training batch of multi-crop views.
+
+    ``views[k]`` is view ``k`` of every sample stacked to ``[B, 3, H, W]`` (in the augmentation's dtype).
+    ``skipped`` lists the keys of corrupt samples dropped while assembling this batch; their slots hold extra,
+    independently augmented copies of other samples of the batch, so a key may appear twice in ``keys``.
+    """
+
+    views: list[torch.Tensor]
+    keys: list[str]
+    skipped: list[str] = field(default_factory=list)
+
+    def pin_memory(self) -> TrainBatch:
+        """Page-locked copy (called by ``DataLoader(pin_memory=True)``) for faster host-to-GPU transfer."""
+        return TrainBatch([v.pin_memory() for v in self.views], self.keys, self.skipped)
+
+
+def _pop_random(buffer: list[Any], rng: random.Random) -> Any:
+    j = rng.randrange(len(buffer))
+    buffer[j], buffer[-1] = buffer[-1], buffer[j]
+    return buffer.pop()
+
+
+class _TrainStream(IterableDataset):
+    """Per-worker stream of :class:`TrainBatch`; see :func:`make_train_loader` for the contract."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        augmentation: Augmentation,
+        batch_size: int,
+        steps_per_epoch: int,
+        epoch: int,
+        seed: int,
+        start_batch: int,
+        num_workers: int,
+        rank: int,
+        world_size: int,
+        shuffle_buffer: int,
+    ) -> None:
+        super().__init__()
+        self.urls = urls
+        self.augmentation = augmentation
+        self.batch_size = batch_size
+        self.steps_per_epoch = steps_per_epoch
+        self.epoch = epoch
+        self.seed = seed
+        self.start_batch = start_batch
+        self.n_local = max(num_workers, 1)
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle_buffer = max(shuffle_buffer, 1)
+
+    def _raw_stream(self, worker: int) -> Iterator[tuple[dict[str, Any], int]]:
+        """Endless shuffled stream of (raw sample, pass number) for one logical worker."""
+        n_global = self.world_size * self.n_local
+        gid = self.rank * self.n_local + worker
+        order = sorted(self.urls)  # sorted first, so every rank derives the same order from the same set
+        random.Random(stable_seed("shard-order", self.seed, self.epoch)).shuffle(order)
+        fallback = len(order) < n_global
+        # With too few shards every worker reads them all and keeps every n_global-th sample instead.
+        share0 = order if fallback else order[gid::n_global]
+        # Seeded by the reader's global index, not (rank, worker): 1 process x 2 workers then reads exactly what
+        # 2 processes x 1 worker read, which is what makes runs comparable (and resumable) across process counts.
+        rng = random.Random(stable_seed("shuffle-buffer", self.seed, self.epoch, gid, n_global))
+        for pass_idx in itertools.count():
+            share = list(share0)
+            if pass_idx > 0:
+                # In fallback mode all workers must agree on the order for the modulo split to stay disjoint.
+                owner = "all" if fallback else gid
+                random.Random(stable_seed("pass-order", self.seed, self.epoch, pass_idx, owner)).shuffle(share)
+            buffer: list[tuple[dict[str, Any], int]] = []
+            kept = 0
+            for idx, sample in enumerate(iter_raw_samples(share)):
+                if fallback and idx % n_global != gid:
+                    continue
+                kept += 1
+                buffer.append((sample, pass_idx))
+                if len(buffer) >= self.shuffle_buffer:
+                    yield _pop_random(buffer, rng)
+            # Drain before the next pass: no sample of pass p+1 may come out while pass p has unseen ones.
+            while buffer:
+                yield _pop_random(buffer, rng)
+            if kept == 0:
+                raise RuntimeError(
+                    f"data worker {gid} of {n_global} (rank {self.rank}) got no samples from shards {share0}"
+                )
+
+    def _augment(self, image: Image.Image, key: str, pass_idx: int, fill: int | None = None) -> list[torch.Tensor]:
+        if fill is not None:
+            gen = _generator("augment-fill", self.seed, self.epoch, key, pass_idx, fill)
+        elif pass_idx == 0:
+            gen = _generator("augment", self.seed, self.epoch, key)
+        else:  # a repeated pass within the epoch must not replay the first pass's views
+            gen = _generator("augment", self.seed, self.epoch, key, pass_idx)
+        return self.augmentation(image, gen)
+
+    def _batch(self, stream: Iterator[tuple[dict[str, Any], int]]) -> TrainBatch:
+        good: list[tuple[dict[str, Any], int]] = []
+        per_sample: list[list[torch.Tensor]] = []
+        skipped: list[str] = []
+
+        def try_add(sample: dict[str, Any], pass_idx: int) -> None:
+            key = sample["__key__"]
+            try:
+                image = decode_image(sample_image_bytes(sample))
+            except Exception as exn:  # a corrupt sample must never stop training
+                skipped.append(key)
+                logger.debug("dropping unreadable sample %s (%s): %r", key, sample.get("__url__"), exn)
+                return
+            # Augmentation errors are bugs, not bad data: they propagate.
+            per_sample.append(self._augment(image, key, pass_idx))
+            good.append((sample, pass_idx))
+
+        for sample, pass_idx in itertools.islice(stream, self.batch_size):
+            try_add(sample, pass_idx)
+        # Only if a whole batch is corrupt do we read beyond its slots (then resume is no longer bit-exact).
+        while not good:
+            if len(skipped) >= _MAX_CONSECUTIVE_FAILURES:
+                raise RuntimeError(f"{len(skipped)} consecutive samples failed to decode, e.g. {skipped[:5]}")
+            try_add(*next(stream))
+        n_good = len(good)
+        for fill in range(self.batch_size - n_good):
+            # Refill the slots of dropped samples with new views of this batch's good ones (re-decoded: rare).
+            sample, pass_idx = good[fill % n_good]
+            image = decode_image(sample_image_bytes(sample))
+            per_sample.append(self._augment(image, sample["__key__"], pass_idx, fill=fill))
+            good.append((sample, pass_idx))
+        views = [torch.stack([s[k] for s in per_sample]) for k in range(len(per_sample[0]))]
+        return TrainBatch(views=views, keys=[s["__key__"] for s, _ in good], skipped=skipped)
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        info = get_worker_info()
+        loader_worker = info.id if info is not None else 0
+        # The DataLoader always starts its round robin at worker 0, but after resuming at batch n the next
+        # batch belongs to logical worker n % W; rotating the roles keeps batch n + j at loader position j.
+        worker = (loader_worker + self.start_batch) % self.n_local
+        quota = len(range(worker, self.steps_per_epoch, self.n_local))
+        done = len(range(worker, self.start_batch, self.n_local))
+        if quota - done <= 0:
+            return
+        stream = self._raw_stream(worker)
+        # Resume: every batch occupies exactly batch_size raw samples, so skip them without decoding.
+        collections.deque(itertools.islice(stream, done * self.batch_size), maxlen=0)
+        for _ in range(quota - done):
+            yield self._batch(stream)
+
+
+class _Loader:
+    """Re-iterable wrapper: each ``iter()`` starts fresh DataLoader workers that replay the same batches."""
+
+    def __init__(
+        self, dataset: IterableDataset, num_workers: int, pin_memory: bool, length: int | None, seed: int
+    ) -> None:
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.length = length
+        self.seed = seed
+
+    def __iter__(self) -> Iterator[Any]:
+        # A private generator: otherwise creating the iterator draws a worker base seed from the global torch
+        # RNG, and a resumed run would see a different training random stream (drop path, ...) than before.
+        generator = torch.Generator()
+        generator.manual_seed(self.seed)
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=identity_collate,
+            pin_memory=self.pin_memory,
+            generator=generator,
+        )
+        return iter(loader)
+
+    def __len__(self) -> int:
+        if self.length is None:
+            raise TypeError("this loader has no known length")
+        return self.length
+
+
+def make_train_loader(
+    urls: Sequence[str],
+    augmentation: Augmentation,
+    batch_size: int,
+    steps_per_epoch: int,
+    epoch: int,
+    seed: int,
+    start_batch: int = 0,
+    num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    shuffle_buffer: int = 1000,
+    pin_memory: bool = False,
+) -> Iterable[TrainBatch]:
+    """Training batches for one epoch on one rank: exactly ``steps_per_epoch - start_batch`` of them.
+
+    Every batch holds exactly ``batch_size`` samples. Shards (sorted, then shuffled from ``(seed, epoch)``)
+    are split by rank, then by worker (global worker id = ``rank * num_workers + worker``). With fewer
+    shards than ``world_size * max(num_workers, 1)`` a warning is issued and every worker reads every shard,
+    keeping sample ``i`` when ``i % n_workers_total == id``. A worker whose share runs out before its quota
+    starts another, re-shuffled pass over it, so within an epoch no sample repeats as long as each worker's
+    share holds its quota. Worker ``w`` produces batches ``w, w + W, ...`` (W = max(num_workers, 1));
+    ``start_batch = n`` skips batches ``< n`` without decoding their samples, and the rest are bit-identical
+    to those of an uninterrupted run. The same (urls, seed, epoch, rank, world_size, num_workers, batch_size,
+    shuffle_buffer) always gives the same batches. Corrupt samples are dropped and reported in
+    ``TrainBatch.skipped``; their slots are refilled with extra views of the batch's other samples.
+
+    The returned object supports ``len()`` and can be iterated again (each time from ``start_batch``).
+    """
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= start_batch <= steps_per_epoch:
+        raise InputError(f"need 0 <= start_batch <= steps_per_epoch, got {start_batch} and {steps_per_epoch}")
+    if not 0 <= rank < world_size:
+        raise InputError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if num_workers < 0:
+        raise InputError(f"num_workers must be >= 0, got {num_workers}")
+    urls = list(urls)
+    if not urls:
+        raise InputError("make_train_loader needs at least one shard")
+    n_global = world_size * max(num_workers, 1)
+    if len(urls) < n_global:
+        warnings.warn(
+            f"only {len(urls)} shard(s) for {world_size} rank(s) x {max(num_workers, 1)} data worker(s) = "
+            f"{n_global} readers: every reader will read all shards and keep every {n_global}-th sample "
+            f"(correct, no duplicates, but {n_global}x the I/O). Write at least {n_global} shards, ideally a "
+            "multiple of that, for efficient loading.",
+            UserWarning,
+            stacklevel=2,
+        )
+    dataset = _TrainStream(
+        urls,
+        augmentation,
+        batch_size=batch_size,
+        steps_per_epoch=steps_per_epoch,
+        epoch=epoch,
+        seed=seed,
+        start_batch=start_batch,
+        num_workers=num_workers,
+        rank=rank,
+        world_size=world_size,
+        shuffle_buffer=shuffle_buffer,
+    )
+    loader_seed = stable_seed("dataloader", seed, epoch, rank)
+    return _Loader(dataset, num_workers, pin_memory, steps_per_epoch - start_batch, loader_seed)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation loader: listed items, decoded and centre-cropped in workers, in listing order
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Decoded:
+    """What a worker returns per item: the uint8 crop (None if unreadable) and the item's file facts."""
+
+    index: int
+    crop: torch.Tensor | None
+    info: dict[str, Any]
+
+
+class _ImageDataset(Dataset):
+    def __init__(self, items: Sequence[ImageItem], image_size: int, hash_files: bool) -> None:
+        self.items = items
+        self.crop = eval_crop(image_size)
+        self.image_size = image_size
+        self.hash_files = hash_files
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Decoded:
+        item = self.items[index]
+        info: dict[str, Any] = {}
+        try:
+            data = item.read()
+            info["bytes"] = len(data)
+            if self.hash_files:
+                info["sha256"] = hashlib.sha256(data).hexdigest()
+            # Big JPEGs decode at a reduced DCT scale (1/2..1/8: most of a photo's decode time). The draft keeps at
+            # least twice the resize target, so the antialiased resize still does a real reduction, and images below
+            # that decode in full.
+            image = decode_image(data, draft_size=2 * int(self.image_size * 256 / 224))
+            with Image.open(io.BytesIO(data)) as header:  # the stored size, not the draft-reduced one
+                info["width"], info["height"] = header.size
+            if item.copy_seed is not None:
+                copy, edits = strong_copy(image, random.Random(item.copy_seed))
+                image, info["edits"] = copy, [edit.name for edit in edits]
+            return Decoded(index, self.crop(image), info)
+        except Exception as error:  # any decode failure: the item is skipped and reported, never a crash
+            info["error"] = f"{type(error).__name__}: {error}"
+            return Decoded(index, None, info)
+
+
+def default_workers() -> int:
+    return min(8, max(1, (os.cpu_count() or 1) - 1))
+
+
+@dataclass
+class CropBatch:
+    """One batch from the workers: uint8 crops [n, 3, S, S] of the readable items, their item indices and file
+    facts, and the unreadable items with the reason."""
+
+    indices: list[int]
+    crops: torch.Tensor | None
+    info: list[dict[str, Any]]
+    skipped: list[tuple[int, str]]
+
+    def labelled(self, items: Sequence[ImageItem]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised float crops, labels) of this batch's readable items, as frozen-feature extraction takes them."""
+        assert self.crops is not None
+        return normalize(self.crops), torch.tensor([items[i].label for i in self.indices], dtype=torch.long)
+
+
+def iterate_crops(
+    items: Sequence[ImageItem],
+    image_size: int,
+    batch_size: int = 64,
+    workers: int | None = None,
+    hash_files: bool = False,
+    progress: bool = True,
+) -> Iterator[CropBatch]:
+    """Decode, resize and centre-crop (:func:`eval_crop`) ``items`` in ``workers`` DataLoader processes; batches
+    come in item order. A progress bar with images/s is shown on a terminal, a log line every 30 s otherwise."""
+    workers = default_workers() if workers is None else workers
+    loader = DataLoader(
+        _ImageDataset(items, image_size, hash_files),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=identity_collate,
+        prefetch_factor=4 if workers else None,
+        generator=torch.Generator().manual_seed(0),  # the workers' base seed must not come from the global RNG
+    )
+    meter = Progress(len(items), "img", enabled=progress, interval=30.0)
+    skipped_total = 0
+    try:
+        for batch in loader:
+            good = [d for d in batch if d.crop is not None]
+            skipped = [(d.index, d.info["error"]) for d in batch if d.crop is None]
+            crops = torch.stack([d.crop for d in good]) if good else None
+            skipped_total += len(skipped)
+            meter.update(len(batch), {"skipped": skipped_total} if skipped_total else None)
+            yield CropBatch([d.index for d in good], crops, [d.info for d in good], skipped)
+    finally:
+        meter.close()
+
+
+def labelled_batches(
+    items: Sequence[ImageItem],
+    image_size: int,
+    batch_size: int,
+    workers: int | None,
+    progress: bool = False,
+    skipped: list[tuple[int, str]] | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(normalised images, labels) of the readable labelled items, for dino_scale.models.features. Unreadable items
+    are left out, logged, and appended to ``skipped`` as (item index, reason) when it is given."""
+    for batch in iterate_crops(items, image_size, batch_size, workers, progress=progress):
+        for index, reason in batch.skipped:
+            logger.warning("skipping unreadable image %s: %s", items[index].key, reason)
+        if skipped is not None:
+            skipped.extend(batch.skipped)
+        if batch.crops is not None:
+            yield batch.labelled(items)

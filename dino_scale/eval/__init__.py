@@ -1,0 +1,1 @@
+"""Evaluation of frozen features: k-NN, linear probe, copy detection and attention maps, with JSON reports."""

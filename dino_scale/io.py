@@ -1,0 +1,243 @@
+"""Files, safely: atomic writes, loads that never unpickle code, and content hashes.
+
+* Every write is atomic: the bytes go to a temporary file in the destination directory, which is flushed,
+  fsynced and then moved over the final name with :func:`os.replace`. A crash leaves either the old file or the
+  new one under the final name, never a torn one.
+* Nothing is ever unpickled with ``weights_only=False``. Torch files are read with
+  ``torch.load(path, map_location="cpu", weights_only=True)``; the only class added to the allowlist is
+  :class:`argparse.Namespace` (see :func:`load_torch`), because official DINO checkpoints store their ``args`` as
+  one.
+* Errors name the file at fault.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+
+from dino_scale.errors import CheckpointError, InputError, NotFound
+
+# Temp files start with "." and end with ".tmp" so that no glob/regex for final names can ever match them.
+TMP_SUFFIX = ".tmp"
+
+# Classes that may appear in an official DINO checkpoint besides tensors and containers. argparse.Namespace
+# is a plain attribute bag: torch's weights_only unpickler creates it with ``cls.__new__`` and fills it with
+# ``__dict__.update`` (no ``__setstate__``, no ``__init__`` side effects), so allowlisting it cannot run code.
+_EXTRA_SAFE_GLOBALS: list[Any] = [argparse.Namespace]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Atomic writes
+# ----------------------------------------------------------------------------------------------------------
+
+
+def fsync_dir(directory: Path) -> None:
+    """Persist a rename: on POSIX the directory entry is only durable after fsyncing the directory."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open directories; the rename itself is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read the umask is to set it; restore it at once
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp_path)`` on a temp file next to ``path``, fsync it, then atomically rename it.
+
+    The temp file lives in the same directory so that ``os.replace`` is a same-filesystem rename (atomic).
+    On any failure (including KeyboardInterrupt) the temp file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the final file gets the usual permissions
+    try:
+        write(tmp)
+        # Flush the data to disk before the rename, otherwise a power loss could leave a renamed empty file.
+        with open(tmp, "rb+") as f:
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save(obj, path)``, atomically: readers see either the previous file or the complete new one."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    atomic_write(path, write)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically (temporary file in the same folder, fsync, rename)."""
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8")
+
+    atomic_write(path, write)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = 2, **dumps: Any) -> None:
+    """``obj`` as JSON (indented unless ``indent=None``) plus a final newline at ``path``, atomically; ``dumps`` go
+    to json.dumps."""
+    atomic_write_text(path, json.dumps(obj, indent=indent, **dumps) + "\n")
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Safe loading
+# ----------------------------------------------------------------------------------------------------------
+
+
+def require_file(path: Path) -> None:
+    if not path.exists():
+        raise NotFound(f"Checkpoint file not found: {path}")
+    if path.is_dir():
+        raise InputError(f"Expected a checkpoint file but got a directory: {path}")
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """Best-effort list of pickled globals that weights_only refuses (static scan, nothing executed)."""
+    try:
+        with torch.serialization.safe_globals(_EXTRA_SAFE_GLOBALS):
+            return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:  # legacy (non-zip) format or unreadable: the caller's error is still informative
+        return []
+
+
+def load_torch(path: Path) -> Any:
+    """``torch.load(..., weights_only=True)`` with argparse.Namespace allowlisted, and readable errors.
+
+    Verified with torch 2.14.1: plain ``weights_only=True`` raises UnpicklingError "Unsupported global: GLOBAL
+    argparse.Namespace" on official DINO checkpoints; inside ``torch.serialization.safe_globals([Namespace])``
+    they load, while every other non-allowlisted global (custom classes, ``os.system``, ...) is still refused.
+    The context manager only widens the allowlist for the duration of this call.
+    """
+    require_file(path)
+    try:
+        with torch.serialization.safe_globals(_EXTRA_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        unsafe = _unsafe_globals(path)
+        if unsafe or "weights only load failed" in str(err).lower():
+            detail = f" (found: {', '.join(unsafe)})" if unsafe else ""
+            raise CheckpointError(
+                f"Refusing to load {path}: it contains pickled Python objects that are not plain tensors or "
+                f"containers{detail}. Loading it would allow arbitrary code execution, so only "
+                "weights_only=True loads are performed. If you trust the file, re-save its state dicts with "
+                "plain tensors."
+            ) from err
+        raise CheckpointError(f"Cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a torch checkpoint file (a dict) onto the CPU, with ``weights_only=True``.
+
+    Raises NotFound if ``path`` does not exist, CheckpointError if it is corrupt, truncated, refused
+    by the safe unpickler, or not a dict.
+    """
+    path = Path(path)
+    obj = load_torch(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"Checkpoint {path} holds a {type(obj).__qualname__}, expected a dict")
+    return obj
+
+
+def save_safetensors(
+    state_dict: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """Atomically write ``state_dict`` as a safetensors file.
+
+    Tensors are stored as contiguous CPU clones: safetensors rejects non-contiguous tensors and tensors that
+    share storage (e.g. tied weights), and cloning also detaches them from any live training state.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if not isinstance(key, str):
+            raise TypeError(f"safetensors keys must be str, got {key!r} while writing {path}")
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"safetensors values must be tensors; key {key!r} is {type(value).__qualname__}")
+        tensors[key] = value.detach().to("cpu").contiguous().clone()
+    if metadata is not None:
+        bad = [k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
+        if bad:
+            raise TypeError(f"safetensors metadata keys and values must be str; offending keys: {bad[:5]}")
+
+    def write(tmp: Path) -> None:
+        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+
+    atomic_write(path, write)
+
+
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file onto the CPU. Raises FileNotFoundError / CheckpointError naming the file."""
+    path = Path(path)
+    require_file(path)
+    try:
+        return safetensors.torch.load_file(str(path), device="cpu")
+    except Exception as err:
+        raise CheckpointError(f"Cannot read safetensors file {path}: {type(err).__name__}: {err}") from err
+
+
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file's header ({} when it has none)."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as err:
+        raise CheckpointError(f"Cannot read safetensors file {path}: {type(err).__name__}: {err}") from err
+
+
+def is_safetensors_file(path: Path) -> bool:
+    """Sniff the format rather than trust the suffix: safetensors = u64 little-endian header length, then JSON.
+
+    The first byte alone says nothing (a header length of 128 + 256k starts with 0x80, like a pickle); a JSON
+    header that fits in the file does.
+    """
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[:2] == b"PK":  # zip: torch.save
+        return False
+    header_length = int.from_bytes(head[:8], "little")
+    return head[8:9] == b"{" and 8 + header_length <= path.stat().st_size

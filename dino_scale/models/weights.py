@@ -1,0 +1,344 @@
+"""Where backbone weights come from: one resolver for every source, and a strict loader into timm models.
+
+Sources (auto-detected, see :func:`load_source`): a run directory (its latest checkpoint, else
+``teacher_backbone.safetensors``), one of our checkpoint files or folders, a safetensors file of backbone weights
+(detected by content, not suffix), an official facebookresearch/dino full checkpoint (``module.`` / ``backbone.`` /
+``head.`` prefixes, ``args`` stored as argparse.Namespace), or an official backbone-only ``.pth`` (optionally under
+``state_dict`` / ``model``, optionally prefixed). Nothing is unpickled beyond tensors and containers (dino_scale.io).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+from dino_scale import run_dir as layout
+from dino_scale.errors import InputError, NotFound
+from dino_scale.io import file_sha256, is_safetensors_file, load_safetensors, load_torch, safetensors_metadata
+from dino_scale.models.backbones import create_backbone, is_vit_arch, patch_size_of
+
+log = logging.getLogger(__name__)
+
+WHICH = ("teacher", "student")
+# Key prefixes added by wrappers rather than by the backbone itself: DistributedDataParallel ("module.") and
+# torch.compile ("_orig_mod."). They can appear in either order, so they are stripped repeatedly.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Keys that belong to a DINOHead (projection MLP + weight-normed last layer), never to a backbone.
+_DINO_HEAD_PREFIXES = ("head.mlp.", "head.last_layer.")
+# Container keys under which state dicts are commonly nested in released checkpoints.
+_NESTED_STATE_KEYS = ("state_dict", "model", "model_state_dict", "module")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Finding the backbone inside a checkpoint
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _strip_wrapper_prefixes(key: str) -> str:
+    while True:
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+                break
+        else:
+            return key
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def select_backbone(obj: Any, which: str, source: str) -> dict[str, torch.Tensor]:
+    """Find the backbone state dict inside a loaded checkpoint object and normalise its keys to timm names."""
+    if not isinstance(obj, Mapping):
+        raise InputError(f"{source} holds a {type(obj).__qualname__}, not a checkpoint dict or state dict")
+    state: Any = obj
+    # (a)/(d): full training checkpoints (ours or official DINO) hold both networks.
+    if not _is_state_dict(state) and ("teacher" in state or "student" in state):
+        if which not in state or not isinstance(state[which], Mapping):
+            present = [k for k in ("teacher", "student") if isinstance(state.get(k), Mapping)]
+            raise InputError(f"{source} has no {which!r} state dict (it has: {present})")
+        state = state[which]
+    # (e): released weights are sometimes nested one or two levels deep.
+    for _ in range(3):
+        if _is_state_dict(state):
+            break
+        nested = next((k for k in _NESTED_STATE_KEYS if isinstance(state.get(k), Mapping)), None)
+        if nested is None:
+            break
+        state = state[nested]
+
+    tensors = {_strip_wrapper_prefixes(str(k)): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise InputError(f"No tensors found in {source}; top-level keys: {list(obj)[:10]}")
+
+    if any(k.startswith("backbone.") for k in tensors):
+        # Wrapper module (ours or DINO's MultiCropWrapper): keep backbone params only, drop "head.*" etc.
+        tensors = {
+            _strip_wrapper_prefixes(k[len("backbone.") :]): v for k, v in tensors.items() if k.startswith("backbone.")
+        }
+    else:
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(_DINO_HEAD_PREFIXES)}
+    if not tensors:
+        raise InputError(f"No backbone weights found in {source}")
+    return tensors
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resolving a source
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BackboneSource:
+    """A backbone's weights plus what is known of its architecture, and the file they were read from."""
+
+    path: Path
+    """The file actually read (a checkpoint file, a folder checkpoint's trainer_state.pt, a safetensors file)."""
+    weights: dict[str, torch.Tensor]
+    arch: str | None
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    which: str = "teacher"
+    run_name: str | None = None
+    step: int | None = None
+
+    def sha256(self) -> str:
+        return file_sha256(self.path)
+
+
+def _arch_from_config(config: Any) -> tuple[str | None, dict[str, Any]]:
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict):
+        return None, {}
+    return model.get("arch"), dict(model.get("timm_kwargs") or {})
+
+
+def _arch_from_official_args(args: Any) -> str | None:
+    """An official DINO checkpoint stores argparse args: arch 'vit_small' + patch_size 16 -> timm's name."""
+    arch, patch = getattr(args, "arch", None), getattr(args, "patch_size", None)
+    if not isinstance(arch, str):
+        return None
+    if arch.startswith("vit_") and isinstance(patch, int):
+        return f"{arch}_patch{patch}_224"
+    return arch  # the official CNNs use torchvision names that timm shares (resnet50)
+
+
+def _is_folder_checkpoint(path: Path) -> bool:
+    return any((path / name).is_file() for name in (layout.TRAINER_STATE_FILE, layout.PORTABLE_STUDENT_FILE))
+
+
+def _file_of_run(run: Path, which: str) -> Path:
+    """The checkpoint (file or folder) of a run directory that holds the wanted backbone."""
+    latest = layout.find_latest_checkpoint(run)
+    if latest is not None:
+        return latest
+    if (run / layout.TEACHER_BACKBONE_FILE).is_file():
+        if which != "teacher":
+            raise InputError(
+                f"Run directory {run} has no training checkpoint, only {layout.TEACHER_BACKBONE_FILE}; "
+                f"the {which} backbone is not available"
+            )
+        return run / layout.TEACHER_BACKBONE_FILE
+    raise NotFound(
+        f"No checkpoint in run directory {run}: looked for {layout.CHECKPOINT_SUBDIR}/{layout.LATEST_FILE}, "
+        f"{layout.CHECKPOINT_SUBDIR}/step_*.pt and {layout.TEACHER_BACKBONE_FILE}"
+    )
+
+
+def load_source(source: str | Path, which: str = "teacher") -> BackboneSource:
+    """Read backbone weights (timm key names, head dropped) from any supported source, with the architecture where
+    the source records it (a run's config.json, our checkpoint's config, safetensors metadata, official args).
+
+    ``which`` ("teacher" or "student") selects the network in checkpoints that hold both.
+    """
+    if which not in WHICH:
+        raise InputError(f"which must be 'teacher' or 'student', got {which!r}")
+    path = Path(source)
+    if not path.exists():
+        raise NotFound(f"{path} does not exist")
+    run_name = None
+    arch: str | None = None
+    timm_kwargs: dict[str, Any] = {}
+    if path.is_dir() and not _is_folder_checkpoint(path):  # a run directory
+        if layout.is_run_dir(path):
+            run_name = path.name
+            config_file = path / layout.CONFIG_FILE
+            try:
+                arch, timm_kwargs = _arch_from_config(json.loads(config_file.read_text(encoding="utf-8")))
+            except ValueError as error:
+                raise InputError(f"{config_file} is not valid JSON: {error}") from None
+        path = _file_of_run(path, which)
+    if path.is_dir():  # a folder checkpoint of the sharded backends
+        path = layout.folder_checkpoint_file(path, which)
+    if run_name is None:
+        run_name = layout.run_name_of_checkpoint(path)
+
+    if is_safetensors_file(path):
+        metadata = safetensors_metadata(path)
+        if which != "teacher":
+            raise InputError(f"{path} holds a single backbone; the {which} is not available from it")
+        arch = metadata.get("arch") or arch
+        if metadata.get("timm_kwargs"):
+            timm_kwargs = json.loads(metadata["timm_kwargs"])
+        step = int(metadata["step"]) if metadata.get("step", "").isdigit() else None
+        weights = select_backbone(load_safetensors(path), which, str(path))
+        return BackboneSource(path, weights, arch, timm_kwargs, which, run_name, step)
+
+    obj = load_torch(path)
+    step = None
+    if isinstance(obj, Mapping):
+        if "config" in obj:  # ours
+            arch, timm_kwargs = _arch_from_config(obj["config"])
+        elif "args" in obj:  # official DINO
+            arch = _arch_from_official_args(obj["args"]) or arch
+        teacher_only = "teacher" not in obj and "student" not in obj and path.name == layout.TRAINER_STATE_FILE
+        if teacher_only and which == "student":
+            raise InputError(
+                f"{path} holds the teacher only; the student is in {layout.PORTABLE_STUDENT_FILE} beside it"
+            )
+        step = obj.get("step") if isinstance(obj.get("step"), int) else None
+    return BackboneSource(path, select_backbone(obj, which, str(path)), arch, timm_kwargs, which, run_name, step)
+
+
+def extract_backbone_state_dict(source: str | Path, which: str = "teacher") -> dict[str, torch.Tensor]:
+    """The backbone weights of any supported source (see :func:`load_source`): timm key names, head dropped."""
+    return load_source(source, which).weights
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading into a timm model
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Key prefixes of the model's classifier per timm's pretrained_cfg ("head" for ViT, "fc" for ResNet)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    names = cfg.get("classifier") if isinstance(cfg, Mapping) else None
+    if isinstance(names, str):
+        names = (names,)
+    return tuple(f"{n}." for n in names or ())
+
+
+def _maybe_resample_pos_embed(
+    model: nn.Module, state: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str
+) -> None:
+    """Resample an absolute ``pos_embed`` trained at another resolution to the model's grid (in place)."""
+    if "pos_embed" not in state or "pos_embed" not in expected:
+        return
+    old, new = state["pos_embed"], expected["pos_embed"]
+    if old.shape == new.shape or old.ndim != 3 or new.ndim != 3 or old.shape[-1] != new.shape[-1]:
+        return  # same size, or a different architecture: leave it to the mismatch report
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if grid is None:
+        return
+    num_prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+    old_side = math.isqrt(old.shape[1] - num_prefix) if old.shape[1] > num_prefix else 0
+    if old_side * old_side != old.shape[1] - num_prefix or old_side == 0:
+        return  # not a square grid with the same prefix tokens: cannot infer the old grid safely
+    state["pos_embed"] = resample_abs_pos_embed(
+        old, new_size=list(grid), old_size=[old_side, old_side], num_prefix_tokens=num_prefix
+    )
+    log.info("Resampled pos_embed from %s: grid %dx%d -> %dx%d", source, old_side, old_side, *grid)
+
+
+def _format_keys(keys: Iterable[str], limit: int = 5) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_backbone_weights(
+    backbone: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "<memory>"
+) -> None:
+    """Strictly load backbone weights into a timm model, with a readable error on architecture mismatch.
+
+    Tolerated differences: ``pos_embed`` of another image size is resampled with timm's helper;
+    classifier weights (``head.*`` / ``fc.*``) in the source are ignored when the model has no classifier
+    (num_classes=0); BatchNorm ``num_batches_tracked`` buffers may be absent (old torchvision weights).
+    Anything else raises a ValueError naming ``source`` with up to 5 missing keys, 5 unexpected keys and
+    the shape mismatches; the model is left untouched in that case.
+    """
+    expected = backbone.state_dict()
+    state = dict(state_dict)
+
+    # A classifier in the file (torchvision resnet "fc", a timm "head") is not part of a headless backbone.
+    for prefix in _classifier_prefixes(backbone):
+        if not any(k.startswith(prefix) for k in expected):
+            state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+
+    _maybe_resample_pos_embed(backbone, state, expected, source)
+
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        lines = [
+            f"Checkpoint {source} does not match the model ({type(backbone).__name__}, "
+            f"{len(expected)} tensors; checkpoint has {len(state)}). "
+            "Is it a checkpoint of another architecture?"
+        ]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {_format_keys(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {_format_keys(unexpected)}")
+        if mismatched:
+            lines.append(f"  shape mismatches ({len(mismatched)}): " + "; ".join(mismatched[:5]))
+            if len(mismatched) > 5:
+                lines[-1] += f"; ... (+{len(mismatched) - 5} more)"
+        raise InputError("\n".join(lines))
+
+    backbone.load_state_dict(state, strict=True)
+
+
+def build_backbone(
+    source: BackboneSource, image_size: int, arch: str | None = None, timm_kwargs: dict[str, Any] | None = None
+) -> tuple[nn.Module, str, dict[str, Any]]:
+    """The timm backbone at a fixed ``image_size`` (pos_embed resampled once), in eval mode, with the source's weights.
+
+    ``arch`` / ``timm_kwargs`` override what the source records; the recorded timm_kwargs are dropped when
+    ``arch`` names another architecture, since they belong to the recorded one. Returns (backbone, arch, kwargs).
+    """
+    if image_size <= 0:
+        raise InputError(f"image size must be positive, got {image_size}", argument="image_size")
+    if timm_kwargs is None:
+        timm_kwargs = source.timm_kwargs if arch in (None, source.arch) else {}
+    arch = arch or source.arch
+    if not arch:
+        raise InputError(
+            f"{source.path} does not record its architecture; name it (a timm name, e.g. vit_small_patch16_224)",
+            argument="arch",
+        )
+    kwargs = dict(timm_kwargs)
+    if is_vit_arch(arch):
+        # A fixed grid: pos_embed is resampled once at load time, so the graph holds no interpolation.
+        kwargs.update(img_size=image_size, dynamic_img_size=False)
+    try:
+        backbone = create_backbone(arch, **kwargs)
+    except (TypeError, ValueError) as error:
+        raise InputError(f"{arch} with timm kwargs {json.dumps(kwargs)}: {error}", argument="arch") from None
+    patch = patch_size_of(backbone)
+    if patch is not None and image_size % patch:
+        raise InputError(
+            f"{image_size} is not divisible by the patch size {patch} of {arch}; "
+            f"use e.g. {max(patch, image_size // patch * patch)}",
+            argument="image_size",
+        )
+    try:
+        load_backbone_weights(backbone, source.weights, source=str(source.path))
+    except ValueError as error:
+        raise InputError(f"{error}\n  (architecture used: {arch} {json.dumps(kwargs)})") from None
+    kwargs.pop("dynamic_img_size", None)
+    return backbone.eval(), arch, kwargs

@@ -1,0 +1,144 @@
+"""The run-directory layout: where a training run keeps what, and how readers find it.
+
+    runs/<name>/
+        config.json                     the resolved recipe
+        metrics.jsonl                   one record per logged step, then `final` / `final_knn` records
+        knn.json                        end-of-training k-NN of the teacher vs a random init
+        teacher_backbone.safetensors    the teacher backbone, timm key names
+        checkpoints/
+            latest.json                 {"step": N, "file": "step_0000000N[.pt]"}: the newest complete checkpoint
+            step_0000000N.pt            one file (local, ddp) ...
+            step_0000000N/              ... or a folder (deepspeed, fsdp) holding trainer_state.pt (teacher, center,
+                trainer_state.pt        step, data position, RNG of every rank), the backend's own sharded files,
+                student_full.pt         and, where the backend can write it, the student by parameter name
+
+Training writes this layout (dino_scale.train), export / retrieval / evaluation read it (dino_scale.models.weights);
+both go through the names here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from dino_scale.errors import NotFound
+
+log = logging.getLogger(__name__)
+
+RUNS_ROOT = Path("runs")
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+KNN_FILE = "knn.json"
+TEACHER_BACKBONE_FILE = "teacher_backbone.safetensors"
+CHECKPOINT_SUBDIR = "checkpoints"
+LATEST_FILE = "latest.json"
+TRAINER_STATE_FILE = "trainer_state.pt"
+# Written in every single-file checkpoint and, for DeepSpeed ZeRO 1/2, beside the sharded files: the student's full
+# fp32 weights and optimizer state keyed by parameter name. It is what lets a run resume on another process count.
+PORTABLE_STUDENT_FILE = "student_full.pt"
+# A folder checkpoint is written under this suffix and renamed into place when complete.
+STAGING_SUFFIX = ".partial"
+# A checkpoint is a file `step_N.pt` (single-process / DDP) or a folder `step_N` (sharded backends).
+STEP_NAME_RE = re.compile(r"^step_(\d+)(\.pt)?$")
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINT_SUBDIR
+
+
+def checkpoint_path(run_dir: str | Path, step: int, folder: bool) -> Path:
+    """`checkpoints/step_N` (a folder checkpoint) or `checkpoints/step_N.pt` (a single file)."""
+    name = f"step_{step:08d}"
+    return checkpoint_dir(run_dir) / (name if folder else f"{name}.pt")
+
+
+def staging_path(run_dir: str | Path, step: int) -> Path:
+    """Where a folder checkpoint is written before it is renamed into place (never matched as a checkpoint)."""
+    return checkpoint_dir(run_dir) / f".step_{step:08d}{STAGING_SUFFIX}"
+
+
+def step_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """All final ``step_*.pt`` files and ``step_*`` folders in ``ckpt_dir`` as (step, path), sorted by step."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = []
+    for entry in ckpt_dir.iterdir():
+        match = STEP_NAME_RE.match(entry.name)
+        if match and (entry.is_file() if match.group(2) else entry.is_dir()):
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def _read_latest_json(ckpt_dir: Path) -> Path | None:
+    """The file named by ``latest.json`` if the JSON is valid and the file exists, else None."""
+    try:
+        info = json.loads((ckpt_dir / LATEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    name = info.get("file") if isinstance(info, dict) else None
+    # Only accept a bare step-file name: never follow a path out of the checkpoint directory.
+    if not isinstance(name, str) or not STEP_NAME_RE.match(name):
+        return None
+    path = ckpt_dir / name
+    return path if path.exists() else None
+
+
+def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """Newest checkpoint of a run: the file named by ``latest.json`` if valid, else the highest ``step_*.pt``.
+
+    ``latest.json`` wins over a higher-numbered step file on purpose: after resuming from an older step,
+    higher files from the abandoned timeline may still exist. Temp files from interrupted saves are ignored.
+    Returns None if the run has no checkpoint.
+    """
+    ckpt_dir = checkpoint_dir(run_dir)
+    latest = _read_latest_json(ckpt_dir)
+    if latest is not None:
+        return latest
+    if (ckpt_dir / LATEST_FILE).exists():
+        log.warning("Ignoring invalid %s; falling back to the highest step file", ckpt_dir / LATEST_FILE)
+    files = step_checkpoints(ckpt_dir)
+    return files[-1][1] if files else None
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and (path / CONFIG_FILE).is_file()
+
+
+def find_latest_run(runs_root: str | Path = RUNS_ROOT) -> Path:
+    """The most recently written run directory under ``runs_root`` (one with a config.json and weights)."""
+    root = Path(runs_root)
+    candidates = []
+    for run in root.iterdir() if root.is_dir() else []:
+        has_weights = (run / TEACHER_BACKBONE_FILE).is_file() or checkpoint_dir(run).is_dir()
+        if is_run_dir(run) and has_weights:
+            written = [p.stat().st_mtime for p in (run / METRICS_FILE, run / CONFIG_FILE) if p.exists()]
+            candidates.append((max(written), run))
+    if not candidates:
+        raise NotFound(
+            f"no training run found under {root}/ (a folder with {CONFIG_FILE} and weights); name a run directory "
+            "or checkpoint instead"
+        )
+    return max(candidates)[1]
+
+
+def run_name_of_checkpoint(path: Path) -> str | None:
+    """runs/NAME/checkpoints/step_N.pt (or .../step_N/trainer_state.pt) -> NAME; None for other files."""
+    for parent in path.parents:
+        if parent.name == CHECKPOINT_SUBDIR:
+            return parent.parent.name if is_run_dir(parent.parent) else None
+    return None
+
+
+def folder_checkpoint_file(folder: Path, which: str) -> Path:
+    """The file of a folder checkpoint that holds the teacher (trainer state) or the student (portable copy)."""
+    name = TRAINER_STATE_FILE if which == "teacher" else PORTABLE_STUDENT_FILE
+    if not (folder / name).is_file():
+        hint = (
+            " (ZeRO-3 and FSDP checkpoints keep the student sharded; export the teacher)"
+            if which == "student"
+            else "; is it a checkpoint folder of ours?"
+        )
+        raise NotFound(f"{folder} has no {name}{hint}")
+    return folder / name

@@ -1,0 +1,276 @@
+"""DeepSpeed: the student wrapped by `deepspeed.initialize` with the recipe's `deepspeed` block (ZeRO 0-3).
+
+The teacher stays a plain replicated module beside the engine. Its EMA reads the student's fp32 weights one
+block at a time: the parameters themselves under `torch_autocast` with ZeRO 0-2 (they are full fp32 replicas),
+`GatheredParameters` per block under ZeRO-3, and DeepSpeed's fp32 master copies (`safe_get_full_fp32_param`)
+when the block uses DeepSpeed's own bf16/fp16 modes, whose module weights are low precision.
+
+Checkpoints are DeepSpeed's sharded ones (`deepspeed/` in the checkpoint folder). For ZeRO 0-2 the folder also
+holds the student's full weights and optimizer state keyed by parameter name (`student_full.pt`): that is what
+lets a run resume on another number of processes, or on one process with the local backend. ZeRO-3 runs resume
+on the same number of processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dino_scale import run_dir as layout
+from dino_scale.config import BatchPlan, TrainConfig
+from dino_scale.devices import resolve_device
+from dino_scale.errors import CheckpointError, ConfigError, Unavailable
+from dino_scale.io import atomic_torch_save
+from dino_scale.train.backends.base import (
+    Backend,
+    commit_checkpoint_dir,
+    launch_environment,
+    load_named_optimizer_state,
+    named_optimizer_state,
+    portable_student_state,
+    read_trainer_state,
+    require_launcher,
+    stage_checkpoint_dir,
+    sync_batch_norm,
+    weight_blocks,
+)
+from dino_scale.train.optim import create_optimizer, set_hyperparameters
+
+log = logging.getLogger("dino_scale")
+
+NATIVE_SUBDIR = "deepspeed"
+# Keys of the deepspeed block that would take the optimizer or its schedule away from our loop.
+_REFUSED_KEYS = ("optimizer", "scheduler")
+
+
+def _import_deepspeed(device: torch.device) -> Any:
+    if device.type == "cpu":
+        # DeepSpeed picks its accelerator at import; without this it may pick CUDA on a GPU host run with device=cpu.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed 0.19 calls collectives that torch 2.14 deprecates, one FutureWarning per call site and rank.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    try:
+        import deepspeed
+    except ImportError as error:
+        raise Unavailable(
+            f"backend=deepspeed needs the deepspeed package ({error}); install it with "
+            "`pip install 'dino-scale[deepspeed]'`, or use backend=fsdp / ddp"
+        ) from None
+    return deepspeed
+
+
+class DeepSpeedBackend(Backend):
+    """The engine applies `torch_autocast` to the student itself; the inherited forward_context gives the teacher,
+    which runs outside the engine, the same precision."""
+
+    name = "deepspeed"
+
+    def __init__(self, cfg: TrainConfig, batch: BatchPlan) -> None:
+        super().__init__(cfg, batch)
+        env = launch_environment()
+        require_launcher(self.name, env)
+        refused = [key for key in _REFUSED_KEYS if key in cfg.deepspeed]
+        if refused:
+            raise ConfigError(
+                f"deepspeed.{refused[0]}: remove it from the recipe; the optimizer and its lr / weight-decay "
+                "schedules come from the `optim` section and are applied by dino-scale every step"
+            )
+        self.device = resolve_device(cfg.device, env.local_rank)
+        self.deepspeed = _import_deepspeed(self.device)
+        self.deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo", verbose=False)
+        self.rank, self.world_size = env.rank, env.world_size
+        self.engine: Any = None
+        self._group_names: list[list[str]] = []
+
+    def engine_config(self) -> dict[str, Any]:
+        """The recipe's block with the batch sizes resolved for this world size and our optimizer allowed."""
+        config = copy.deepcopy(self.cfg.deepspeed)
+        config["train_micro_batch_size_per_gpu"] = self.batch.micro_batch
+        config["gradient_accumulation_steps"] = self.batch.accumulation_steps
+        config["train_batch_size"] = self.batch.global_batch
+        config.setdefault("zero_allow_untested_optimizer", True)  # torch's AdamW: ZeRO handles it like its own
+        config.setdefault("steps_per_print", 2**31 - 1)  # we log; DeepSpeed's own step prints would interleave
+        config.setdefault("wall_clock_breakdown", False)
+        return config
+
+    @property
+    def zero_stage(self) -> int:
+        return self.cfg.zero_stage
+
+    def prepare(self, student: nn.Module) -> nn.Module:
+        student = sync_batch_norm(student, self.device)
+        self._student = student.to(self.device)
+        optimizer = create_optimizer(student, self.cfg.optim)
+        names = {id(p): name for name, p in student.named_parameters()}
+        self._group_names = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+        try:
+            self.engine, _, _, _ = self.deepspeed.initialize(
+                model=student, optimizer=optimizer, config=self.engine_config()
+            )
+        except Exception as error:  # DeepSpeed raises assorted types for a bad block; name the block in all cases
+            raise ConfigError(
+                f"DeepSpeed rejected the recipe's deepspeed block {self.cfg.deepspeed}: {type(error).__name__}: {error}"
+            ) from error
+        self.engine.checkpoint_engine.load = _weights_only_load
+        return self.engine
+
+    def backward(self, loss: torch.Tensor, sync_gradients: bool) -> None:
+        # The loop already divided the loss by the accumulation steps.
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if not sync_gradients:
+            # DeepSpeed counts micro-steps in step(); off the accumulation boundary it only advances the counter.
+            self.engine.step()
+
+    def optimizer_step(self, lr: float, weight_decay: float, freeze_last_layer: bool) -> torch.Tensor:
+        set_hyperparameters(self.engine.optimizer, lr, weight_decay, freeze_last_layer)
+        if not self.engine.is_gradient_accumulation_boundary():
+            raise RuntimeError("optimizer_step() called off DeepSpeed's gradient accumulation boundary")
+        # ZeRO-0 in fp32 does not report the norm: the gradients are whole on every rank, so take it here.
+        grads = [p.grad for p in self.student.parameters() if p.grad is not None] if self.zero_stage == 0 else []
+        own_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads else None
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            if own_norm is None:
+                raise RuntimeError("DeepSpeed reported no gradient norm for this step")
+            return own_norm.detach()
+        return torch.as_tensor(float(norm))
+
+    def _low_precision_weights(self) -> bool:
+        return any(self.cfg.deepspeed.get(key, {}).get("enabled", False) for key in ("bf16", "fp16"))
+
+    def student_weight_groups(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        for block in weight_blocks(self.student):
+            if self._low_precision_weights():
+                # fp32 master weights live in the optimizer's partitions (a collective per tensor).
+                yield [
+                    (name, p.detach() if not p.requires_grad else safe_get_full_fp32_param(p)) for name, p in block
+                ]
+            elif self.zero_stage == 3:
+                with self.deepspeed.zero.GatheredParameters([p for _, p in block], modifier_rank=None):
+                    yield [(name, p.detach()) for name, p in block]
+            else:
+                yield [(name, p.detach()) for name, p in block]
+
+    # --- checkpoints ------------------------------------------------------------------------------------------
+
+    def save(self, run_dir: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
+        staging = stage_checkpoint_dir(run_dir, step, self)
+        self.engine.save_checkpoint(str(staging), tag=NATIVE_SUBDIR, client_state={}, save_latest=False)
+        portable = self._portable_state() if self.zero_stage <= 2 else None  # a collective: every rank joins
+        if self.is_main_process():
+            atomic_torch_save(state, staging / layout.TRAINER_STATE_FILE)
+            if portable is not None:
+                atomic_torch_save(portable, staging / layout.PORTABLE_STUDENT_FILE)
+        return commit_checkpoint_dir(run_dir, step, staging, self, keep_last)
+
+    def _partitioned(self) -> bool:
+        return any(hasattr(p, "_hp_mapping") for p in self.student.parameters())
+
+    def _portable_state(self) -> dict[str, Any]:
+        """Full fp32 weights and optimizer state keyed by parameter name (the format of local checkpoints)."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        optimizer = self.engine.optimizer
+        if not self._partitioned():  # ZeRO-0 in fp32 / torch_autocast: the engine's optimizer is ours, unwrapped
+            weights = _cpu(self.student.state_dict())
+            return {"student": weights, "optimizer": named_optimizer_state(self.student, optimizer)}
+        base = optimizer.optimizer  # torch's AdamW over this rank's flat fp32 partitions
+        # ZeRO 1/2 link each parameter to its slice of the optimizer state right after stepping the first param
+        # group, when the other groups have no state yet (DeepSpeed 0.19); relink now that all groups have it.
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+        flat_state = next(iter(base.state.values()))
+        keys = [k for k, v in flat_state.items() if torch.is_tensor(v) and v.dim() > 0]
+        weights = _cpu(self.student.state_dict())
+        named_state: dict[str, Any] = {}
+        for name, parameter in self.student.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            weights[name] = safe_get_full_fp32_param(parameter).detach().cpu()
+            named_state[name] = {"step": flat_state["step"].detach().cpu().clone()}
+            for key in keys:
+                named_state[name][key] = safe_get_full_optimizer_state(parameter, key).detach().cpu()
+        groups = [
+            {**{k: v for k, v in group.items() if k != "params"}, "params": names}
+            for group, names in zip(optimizer.param_groups, self._group_names, strict=True)
+        ]
+        return {"student": weights, "optimizer": {"state": named_state, "param_groups": groups}}
+
+    def load(self, path: Path) -> dict[str, Any]:
+        state = read_trainer_state(path)
+        saved_world = int(state.get("data_position", {}).get("world_size", -1))
+        saved_stage = int(state.get("config", {}).get("deepspeed", {}).get("zero_optimization", {}).get("stage", 0))
+        native = path / NATIVE_SUBDIR
+        if native.is_dir() and saved_world == self.world_size and saved_stage == self.zero_stage:
+            loaded, _ = self.engine.load_checkpoint(
+                str(path), tag=NATIVE_SUBDIR, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
+            if loaded is None:
+                raise CheckpointError(f"{native}: DeepSpeed could not read this checkpoint")
+            return state
+        portable = portable_student_state(path)
+        if portable is None or self.zero_stage == 3:
+            raise CheckpointError(
+                f"{path} was written by {saved_world} process(es) with ZeRO stage {saved_stage}; this run has "
+                f"{self.world_size} with stage {self.zero_stage}. Resume ZeRO-3 checkpoints on the same number of "
+                "processes and stage; ZeRO 0-2, DDP and local checkpoints resume on any process count"
+            )
+        log.info("resuming %s through its name-keyed copy (process count or ZeRO stage changed)", path)
+        self._load_portable(portable, path)
+        return state
+
+    def _load_portable(self, portable: dict[str, Any], path: Path) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        self.student.load_state_dict(portable["student"])  # the module's (possibly low-precision) weights
+        optimizer = self.engine.optimizer
+        if not self._partitioned():
+            load_named_optimizer_state(self.student, optimizer, portable["optimizer"], path)
+            return
+        named = portable["optimizer"]["state"]
+        base = optimizer.optimizer
+        if not base.state:
+            # The base optimizer creates its state lazily at the first step; create it now (zeros, then filled
+            # below through DeepSpeed's own per-parameter setters) so that the fp32 partitions can be written.
+            example = next(iter(named.values()))
+            for flat in optimizer.single_partition_of_fp32_groups:
+                base.state[flat] = {k: torch.zeros_like(flat) for k in example if k != "step"}
+                base.state[flat]["step"] = example["step"].clone().to(flat.device)
+            optimizer._lazy_init_hp_params_optimizer_state()
+        for name, parameter in self.student.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            if name not in named:
+                raise CheckpointError(f"{path}: no optimizer state for parameter {name!r}")
+            safe_set_full_fp32_param(parameter, portable["student"][name].to(self.device))
+            for key, value in named[name].items():
+                if key != "step":
+                    safe_set_full_optimizer_state(parameter, value.to(self.device), key)
+
+
+def _cpu(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in state_dict.items()}
+
+
+def _weights_only_load(path: str, map_location: Any = None) -> Any:
+    """DeepSpeed's checkpoint engine unpickles with weights_only=False; ours allows tensors, containers and
+    DeepSpeed's two plain value classes that its files hold (the loss scaler and the ZeRO stage enum)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum]):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as error:
+            raise CheckpointError(f"cannot read DeepSpeed checkpoint file {path}: {error}") from error

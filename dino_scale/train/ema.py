@@ -1,0 +1,34 @@
+"""The teacher: an exponential moving average of the student, and a digest that proves replicas identical."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def update_teacher(
+    teacher: nn.Module, student_weight_groups: Iterable[list[tuple[str, torch.Tensor]]], momentum: float
+) -> None:
+    """theta_t <- momentum * theta_t + (1 - momentum) * theta_s, one group (block) of student weights at a time.
+
+    Taking groups rather than the whole model lets a sharded backend gather one block at a time.
+    """
+    teacher_parameters = dict(teacher.named_parameters())
+    for group in student_weight_groups:
+        targets = [teacher_parameters[name] for name, _ in group]
+        sources = [weight.detach().to(target.dtype) for (_, weight), target in zip(group, targets, strict=True)]
+        torch._foreach_mul_(targets, momentum)
+        torch._foreach_add_(targets, sources, alpha=1.0 - momentum)
+
+
+def teacher_digest(teacher: nn.Module) -> str:
+    """sha256 over the teacher's parameters and buffers: equal digests on all ranks mean bit-identical replicas."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(teacher.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,217 @@
+"""DINO training: one loop for every backend, top to bottom like the method.
+
+Per optimizer step: the teacher sees the two global crops and the student all crops -> centred, sharpened
+cross-entropy -> backward (accumulated over micro-batches) -> student step -> teacher EMA -> log -> checkpoint.
+Everything hardware-specific sits behind `Backend` (backends/base.py): the loop never calls a collective itself and
+never asks which backend it has, and between log steps it reads nothing back from the device except the one
+non-finite check per optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dino_scale import run_dir as layout
+from dino_scale.config import TrainConfig
+from dino_scale.data.augment import MultiCropAugmentation
+from dino_scale.data.loaders import TrainBatch, make_train_loader, stable_seed
+from dino_scale.data.shards import count_samples, expand_shards
+from dino_scale.errors import ConfigError, blame
+from dino_scale.io import atomic_write_json, save_safetensors
+from dino_scale.models.dino import build_student_teacher
+from dino_scale.models.weights import extract_backbone_state_dict, load_backbone_weights
+from dino_scale.train.backends import Backend, make_backend
+from dino_scale.train.ema import teacher_digest, update_teacher
+from dino_scale.train.evaluation import knn_vs_random_init
+from dino_scale.train.loss import DINOLoss
+from dino_scale.train.metrics import NonFiniteWatch, StepMetrics, setup_logging
+from dino_scale.train.schedules import build_schedules
+from dino_scale.train.state import DataPlan, TrainState
+
+log = logging.getLogger("dino_scale")
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Run (or resume) training as the recipe says; returns the last step's metrics record plus the final ones."""
+    backend = make_backend(cfg)
+    setup_logging(backend.is_main_process())
+    run_dir = cfg.resolved_output_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plan = plan_data(cfg, backend)
+    student, teacher = build_networks(cfg, backend)
+    loss_fn = DINOLoss(cfg.model.out_dim, 2, cfg.dino.student_temp, cfg.dino.center_momentum, backend.sum_over_ranks)
+    loss_fn.to(backend.device)
+    schedules = build_schedules(cfg, plan.steps_per_epoch, plan.global_batch)
+    augmentation = make_augmentation(cfg)
+    state = TrainState(cfg, backend, teacher, loss_fn, plan)
+    if not (resume and state.resume(run_dir)):
+        # The teacher starts as an exact copy of the student as the backend holds it: with DeepSpeed's bf16 mode
+        # that is the fp32 master copy made from the bf16-rounded weights, not the fp32 initialisation.
+        update_teacher(teacher, backend.student_weight_groups(), momentum=0.0)
+    announce(cfg, backend, plan, run_dir)
+    last_step = min(schedules.total_steps, cfg.max_steps or schedules.total_steps)
+    metrics = StepMetrics(
+        run_dir / layout.METRICS_FILE, backend, schedules, plan.global_batch, last_step, state.step, cfg.log_every
+    )
+    non_finite = NonFiniteWatch()
+    accumulation = backend.batch.accumulation_steps
+
+    while state.step < last_step:
+        epoch = state.epoch
+        batches = epoch_batches(cfg, plan, backend, augmentation, state)
+        for micro_batch, batch in enumerate(batches, start=state.first_micro_batch):
+            state.count_skipped(batch.skipped)
+            views = augmentation.to_model_input(batch.views, backend.device)
+            last_micro_batch = (micro_batch + 1) % accumulation == 0
+            with backend.forward_context(sync_gradients=last_micro_batch):
+                teacher_output = teacher(views[:2])  # the teacher sees the two global crops only
+                student_output = student(views)
+            loss, stats = loss_fn(student_output, teacher_output, float(schedules.teacher_temp[state.step]))
+            backend.backward(loss / accumulation, sync_gradients=last_micro_batch)
+            metrics.add_micro_batch(loss, accumulation)
+            non_finite.observe(
+                student_output=student_output, teacher_output=teacher_output, center=loss_fn.center, loss=loss
+            )
+            if not last_micro_batch:
+                continue
+
+            step = state.step
+            grad_norm = backend.optimizer_step(
+                float(schedules.lr[step]),
+                float(schedules.weight_decay[step]),
+                freeze_last_layer=step / plan.steps_per_epoch < cfg.optim.freeze_last_layer,
+            )
+            backend.raise_if_non_finite(step, non_finite.take(gradient_norm=grad_norm))
+            loss_fn.update_center()
+            update_teacher(teacher, backend.student_weight_groups(), float(schedules.momentum[step]))
+            state.finish_step()
+            metrics.step_done(state.step, epoch, stats, grad_norm, state.skipped_samples)
+            if state.step % cfg.checkpoint_every == 0 or state.step == last_step:
+                state.save(run_dir)
+            if state.step >= last_step:
+                break
+
+    record = finish(cfg, backend, teacher, state.step, metrics, run_dir)
+    backend.close()  # on an error there is no clean-up barrier: other ranks may be stuck; the launcher stops them
+    return record
+
+
+def plan_data(cfg: TrainConfig, backend: Backend) -> DataPlan:
+    """The training shards and the epoch length in optimizer steps (from shards.json, or counted)."""
+    with blame("data.train_shards"):
+        urls = expand_shards(cfg.data.train_shards)
+        samples = cfg.data.samples_per_epoch or count_samples(urls)
+    batch = backend.batch
+    steps = samples // batch.global_batch
+    if steps == 0:
+        raise ConfigError(
+            f"data.train_shards={cfg.data.train_shards!r} holds {samples} samples per epoch, fewer than one global "
+            f"batch of {batch.global_batch} (micro batch {batch.micro_batch} x accumulation "
+            f"{batch.accumulation_steps} x {backend.world_size} processes)"
+        )
+    return DataPlan(urls, samples, batch.global_batch, steps)
+
+
+def build_networks(cfg: TrainConfig, backend: Backend) -> tuple[nn.Module, nn.Module]:
+    """(the student as the backend runs it, the teacher on this process's device): the same initial weights on every
+    rank, then a per-rank RNG stream for the drop-path masks."""
+    torch.manual_seed(cfg.seed)
+    with blame("model.arch"):
+        student, teacher = build_student_teacher(cfg.model)
+    if cfg.model.init_backbone:
+        with blame("model.init_backbone"):
+            weights = extract_backbone_state_dict(cfg.model.init_backbone)
+            for network in (student, teacher):
+                load_backbone_weights(network.backbone, weights, source=cfg.model.init_backbone)
+        log.info("backbones initialised from %s", cfg.model.init_backbone)
+    if cfg.model.grad_checkpointing:
+        student.backbone.set_grad_checkpointing(True)
+    student_module = backend.prepare(student)
+    teacher = backend.prepare_teacher(teacher)
+    torch.manual_seed(stable_seed("train-rng", cfg.seed, 0, backend.rank))  # drop-path masks differ per rank
+    return student_module, teacher
+
+
+def make_augmentation(cfg: TrainConfig) -> MultiCropAugmentation:
+    return MultiCropAugmentation(
+        global_size=cfg.data.global_crop_size,
+        local_size=cfg.data.local_crop_size,
+        n_local=cfg.data.local_crops_number,
+        global_scale=tuple(cfg.data.global_crops_scale),
+        local_scale=tuple(cfg.data.local_crops_scale),
+    )
+
+
+def epoch_batches(
+    cfg: TrainConfig, plan: DataPlan, backend: Backend, augmentation: MultiCropAugmentation, state: TrainState
+) -> Iterable[TrainBatch]:
+    """This process's micro-batches of the state's epoch, from where the state stands in it."""
+    return make_train_loader(
+        plan.urls,
+        augmentation,
+        cfg.micro_batch_size,
+        plan.steps_per_epoch * backend.batch.accumulation_steps,
+        state.epoch,
+        cfg.seed,
+        start_batch=state.first_micro_batch,
+        num_workers=cfg.data.num_workers,
+        rank=backend.rank,
+        world_size=backend.world_size,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        pin_memory=backend.device.type == "cuda",
+    )
+
+
+def announce(cfg: TrainConfig, backend: Backend, plan: DataPlan, run_dir: Path) -> None:
+    """Write the resolved recipe into the run directory and say what will run (main process)."""
+    if not backend.is_main_process():
+        return
+    atomic_write_json(run_dir / layout.CONFIG_FILE, cfg.to_dict())
+    batch = backend.batch
+    log.info(
+        "%s: %d samples/epoch, global batch %d (%d x %d accumulation x %d processes), %d steps/epoch, "
+        "%d epochs, device %s, backend %s",
+        cfg.name,
+        plan.samples_per_epoch,
+        plan.global_batch,
+        batch.micro_batch,
+        batch.accumulation_steps,
+        backend.world_size,
+        plan.steps_per_epoch,
+        cfg.epochs,
+        backend.device,
+        backend.name,
+    )
+
+
+def finish(
+    cfg: TrainConfig, backend: Backend, teacher: nn.Module, step: int, metrics: StepMetrics, run_dir: Path
+) -> dict[str, Any]:
+    """Prove the teacher replicas identical, write the teacher backbone and the final records, run the final k-NN."""
+    metrics.progress.close()
+    digests = backend.gather_objects(teacher_digest(teacher))
+    if len(set(digests)) != 1:
+        log.error("teacher replicas differ across ranks: %s", digests)
+    record = dict(metrics.last_record)
+    if backend.is_main_process():
+        save_safetensors(
+            {k: v.detach().cpu() for k, v in teacher.backbone.state_dict().items()},
+            run_dir / layout.TEACHER_BACKBONE_FILE,
+            metadata={"arch": cfg.model.arch, "timm_kwargs": json.dumps(cfg.model.timm_kwargs), "step": str(step)},
+        )
+        record["teacher_sha256_per_rank"] = digests
+        metrics.event(step, "final", teacher_sha256_per_rank=digests)
+        final_knn = knn_vs_random_init(cfg, teacher.backbone, backend.device)
+        if final_knn:
+            record.update(final_knn)
+            metrics.event(step, "final_knn", **final_knn)
+            atomic_write_json(run_dir / layout.KNN_FILE, final_knn)
+    metrics.close()
+    return record

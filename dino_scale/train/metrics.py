@@ -1,0 +1,161 @@
+"""What training reports: a JSON record per logged step (metrics.jsonl), a progress bar or log line, and the
+non-finite watch. Between log steps nothing leaves the device: the loss is summed there and read once per log step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dino_scale.progress import Progress
+from dino_scale.train.backends import Backend
+from dino_scale.train.loss import LossStats
+from dino_scale.train.schedules import Schedules
+
+log = logging.getLogger("dino_scale")
+
+
+def setup_logging(main_process: bool) -> None:
+    """INFO on the main process, warnings only on the others, so N ranks don't print N copies."""
+    logging.basicConfig(
+        level=logging.INFO if main_process else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+class MetricsWriter:
+    """Appends one JSON object per line and flushes it, so `tail -f` and crash forensics see every record."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._file = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = path.open("a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record, allow_nan=True) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: allocated CUDA memory on a GPU, the resident set size on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource  # POSIX only; the CPU number is informational
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class NonFiniteWatch:
+    """Device-side flags of the quantities that went NaN / inf during one optimizer step's micro-batches.
+
+    `observe` only queues tensor ops (no host synchronisation); `take` hands the flags to the backend, which checks
+    them once per optimizer step (one collective) and raises naming the quantities.
+    """
+
+    def __init__(self) -> None:
+        self._flags: dict[str, torch.Tensor] = {}
+
+    def observe(self, **tensors: torch.Tensor) -> None:
+        for name, tensor in tensors.items():
+            bad = ~torch.isfinite(tensor.detach()).all()
+            self._flags[name] = bad if name not in self._flags else self._flags[name] | bad
+
+    def take(self, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
+        """This step's flags plus those of `tensors`, in observation order; the watch starts over."""
+        self.observe(**tensors)
+        flags, self._flags = self._flags, {}
+        return flags
+
+
+class StepMetrics:
+    """Step logging: the loss summed on the device between log steps, and at every `log_every`-th step (and the
+    last) a record in metrics.jsonl (main process) plus the progress bar or log line.
+
+    Loss, teacher entropy and KL are means over all processes (one small collective per logged step).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        backend: Backend,
+        schedules: Schedules,
+        global_batch: int,
+        last_step: int,
+        first_step: int,
+        log_every: int,
+    ) -> None:
+        main = backend.is_main_process()
+        self.backend, self.schedules, self.global_batch = backend, schedules, global_batch
+        self.last_step, self.log_every = last_step, log_every
+        self.writer = MetricsWriter(path if main else None)
+        self.progress = Progress(last_step, "step", initial=first_step, enabled=main)
+        # float64: the sum of micro-batch losses / accumulation steps, as a Python float sum would give it.
+        self._loss_sum = torch.zeros((), dtype=torch.float64, device=backend.device)
+        self._steps = 0
+        self._window_start = time.monotonic()
+        self.last_record: dict[str, Any] = {}
+
+    def add_micro_batch(self, loss: torch.Tensor, accumulation: int) -> None:
+        """Add one micro-batch's loss, weighted 1 / accumulation (device-side)."""
+        self._loss_sum += loss.detach().double() / accumulation
+
+    def step_done(self, step: int, epoch: int, stats: LossStats, grad_norm: torch.Tensor, skipped: int) -> None:
+        """After optimizer step `step` (1-based) of `epoch`; writes a record when it is a log step."""
+        self._steps += 1
+        if step % self.log_every and step != self.last_step:
+            return
+        elapsed = time.monotonic() - self._window_start
+        window_loss = (self._loss_sum / self._steps).float()
+        loss, entropy, kl = self.backend.mean_over_ranks(
+            torch.stack([window_loss, stats.teacher_entropy, stats.kl]).float()
+        ).tolist()
+        images_per_s = self._steps * self.global_batch / max(elapsed, 1e-9)
+        peak_memory = self.backend.gather_objects(round(peak_memory_gb(self.backend.device), 3))
+        record = {
+            "step": step,
+            "epoch": epoch,
+            "loss": loss,
+            "lr": float(self.schedules.lr[step - 1]),
+            "wd": float(self.schedules.weight_decay[step - 1]),
+            "momentum": float(self.schedules.momentum[step - 1]),
+            "teacher_temp": float(self.schedules.teacher_temp[step - 1]),
+            "teacher_entropy": entropy,
+            "kl": kl,
+            "grad_norm": grad_norm.item(),
+            "images_per_s": images_per_s,
+            "images_per_s_per_device": images_per_s / self.backend.world_size,
+            "step_time_s": elapsed / self._steps,
+            "peak_memory_gb": max(peak_memory),
+            "peak_memory_gb_per_rank": peak_memory,
+            "skipped_samples": skipped,
+        }
+        self.writer.write(record)
+        summary = {"epoch": epoch, "loss": f"{loss:.4f}", "img/s": f"{images_per_s:.1f}", "H(Pt)": f"{entropy:.3f}"}
+        self.progress.update(self._steps, {**summary, "KL": f"{kl:.4f}"})
+        self.last_record = record
+        self._loss_sum.zero_()
+        self._steps, self._window_start = 0, time.monotonic()
+
+    def event(self, step: int, event: str, **fields: Any) -> None:
+        """A non-step record (`final`, `final_knn`)."""
+        self.writer.write({"step": step, "event": event, **fields})
+
+    def close(self) -> None:
+        self.progress.close()
+        self.writer.close()

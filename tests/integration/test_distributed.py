@@ -1,0 +1,263 @@
+"""Multi-process training on CPU (gloo, 2 processes, tiny ViT) through the real launchers and the real loop.
+
+Every distributed run here is compared with ONE process training on the same global batch: 16 samples per step
+as 2 micro-batches of 8 (2 data workers) on one process, or 1 micro-batch of 8 (1 worker) on each of 2. The data
+loader seeds each reader by its global index, so both layouts read exactly the same samples in the same order,
+and the loss center is updated once per optimizer step from the whole global batch. Differences left are the
+order of floating-point sums (gradient all-reduce vs. accumulation).
+
+Tolerances, and why:
+* Losses: relative 1e-5. fp32 sums taken in another order differ by ~1e-7 relative; the weights they lead to
+  differ by far less than the lr (~1e-5) per step, so later losses stay within 1e-5 (observed: equal).
+* Teacher weights: an absolute bound computed from the run's own schedules. Adam moves each weight by at most
+  about lr per step (|m_hat| / sqrt(v_hat) <= 1 since beta1^2 < beta2), so even an update whose sign flipped
+  because of rounding moves a student weight by <= 2 lr; the teacher takes (1 - momentum) of each student
+  change. Summed over the run that is the bound (observed differences: ~1e-10, bound: ~1e-5).
+* Across ranks the teacher must be bit-identical: the run records each rank's sha256 of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from support import REPO, free_port
+
+pytest.importorskip("deepspeed")
+
+STEPS = 8
+COMMON = (
+    f"max_steps={STEPS}",
+    "checkpoint_every=2",
+    "keep_checkpoints=10",
+    "deepspeed.train_batch_size=16",  # micro batch 8: accumulation 2 on one process, 1 on two
+    "model.drop_path_rate=0.0",  # drop-path masks come from per-process RNG streams, which differ by layout
+    "optim.freeze_last_layer=0.1",  # 4.8 steps: the run crosses the end of the last-layer freeze
+)
+BACKENDS = {
+    "ddp": ("backend=ddp",),
+    "zero2": ("backend=deepspeed", "deepspeed.zero_optimization.stage=2"),
+    # ZeRO-3 with activation checkpointing of the ViT blocks (recomputation must not change the numbers either).
+    "zero3": ("backend=deepspeed", "deepspeed.zero_optimization.stage=3", "model.grad_checkpointing=true"),
+    "fsdp": ("backend=fsdp",),
+}
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+def train_command(nproc: int | None, run_dir: Path, *overrides: str, resume: bool = False) -> list[str]:
+    launcher = (
+        [sys.executable, "-m", "dino_scale.train"]
+        if nproc is None
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+              "dino_scale.train"]
+    )
+    workers = 2 if nproc in (None, 1) else 1  # two readers in total, whatever the layout
+    sets = [*COMMON, f"data.num_workers={workers}", *overrides]
+    command = [*launcher, "--config", "tiny-test.json", "--output-dir", str(run_dir)]
+    for item in sets:
+        command += ["--set", item]
+    return command + (["--resume"] if resume else [])
+
+
+def run_training(nproc: int | None, run_dir: Path, *overrides: str, resume: bool = False) -> Path:
+    result = subprocess.run(
+        train_command(nproc, run_dir, *overrides, resume=resume),
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, f"training failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return run_dir
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """The last logged loss of each step (a resumed run logs some steps twice)."""
+    return {m["step"]: m["loss"] for m in metrics(run_dir) if "loss" in m}
+
+
+def final_digests(run_dir: Path) -> list[str]:
+    return [m for m in metrics(run_dir) if m.get("event") == "final"][-1]["teacher_sha256_per_rank"]
+
+
+def checkpoint_state(run_dir: Path) -> dict:
+    directory = run_dir / "checkpoints"
+    path = directory / json.loads((directory / "latest.json").read_text())["file"]
+    return torch.load(path / "trainer_state.pt" if path.is_dir() else path, map_location="cpu", weights_only=True)
+
+
+def teacher_bound(reference: Path) -> float:
+    """Sum over steps of (1 - momentum_t) * 2 * sum_{u <= t} lr_u: see the module docstring."""
+    records = sorted((m for m in metrics(reference) if "loss" in m), key=lambda m: m["step"])
+    bound, lr_sum = 0.0, 0.0
+    for m in records:
+        lr_sum += m["lr"]
+        bound += (1 - m["momentum"]) * 2 * lr_sum
+    return bound
+
+
+def assert_same_training(reference: Path, other: Path, world_size: int) -> None:
+    expected, got = losses(reference), losses(other)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), f"step {step}"
+    reference_teacher, other_teacher = checkpoint_state(reference)["teacher"], checkpoint_state(other)["teacher"]
+    worst = max((reference_teacher[k] - other_teacher[k]).abs().max().item() for k in reference_teacher)
+    assert worst <= teacher_bound(reference), f"teacher differs by {worst}"
+    digests = final_digests(other)
+    assert len(digests) == world_size and len(set(digests)) == 1, digests
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("distributed")
+
+
+@pytest.fixture(scope="module")
+def reference(runs: Path) -> Path:
+    """One process, the same global batch as 2 accumulation steps."""
+    return run_training(None, runs / "reference")
+
+
+@pytest.fixture(scope="module")
+def zero2(runs: Path) -> Path:
+    return run_training(2, runs / "zero2", *BACKENDS["zero2"])
+
+
+@pytest.fixture(scope="module")
+def zero3(runs: Path) -> Path:
+    return run_training(2, runs / "zero3", *BACKENDS["zero3"])
+
+
+def test_bound_is_meaningful(reference: Path) -> None:
+    # Guards the tolerance itself: a bound of 0 or of the weights' own size would prove nothing.
+    assert 1e-9 < teacher_bound(reference) < 1e-3
+
+
+@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+def test_two_processes_match_one(reference: Path, runs: Path, backend: str) -> None:
+    assert_same_training(reference, run_training(2, runs / backend, *BACKENDS[backend]), world_size=2)
+
+
+def test_zero2_matches_one_process(reference: Path, zero2: Path) -> None:
+    assert_same_training(reference, zero2, world_size=2)
+    # ZeRO 0-2 checkpoints carry a name-keyed copy beside DeepSpeed's shards, for resuming on other counts.
+    latest = sorted((zero2 / "checkpoints").glob("step_*"))[-1]
+    assert {"deepspeed", "trainer_state.pt", "student_full.pt"} <= {p.name for p in latest.iterdir()}
+
+
+def test_zero3_matches_one_process(reference: Path, zero3: Path) -> None:
+    assert_same_training(reference, zero3, world_size=2)
+
+
+def rewind(source: Path, target: Path, step: int) -> Path:
+    """A copy of a finished run as it was right after the checkpoint of `step` (later checkpoints removed)."""
+    import shutil
+
+    shutil.copytree(source, target)
+    for later in (target / "checkpoints").glob("step_*"):
+        if int(later.name[5:13]) > step:
+            shutil.rmtree(later)
+    name = f"step_{step:08d}"
+    (target / "checkpoints" / "latest.json").write_text(json.dumps({"step": step, "file": name}))
+    return target
+
+
+@pytest.mark.parametrize("how", ["deepspeed", "local"])
+def test_zero2_checkpoint_of_two_processes_resumes_on_one(runs: Path, zero2: Path, how: str) -> None:
+    resumed = rewind(zero2, runs / f"zero2-resumed-{how}", step=4)
+    if how == "deepspeed":  # DeepSpeed itself on one process, ZeRO-2
+        run_training(1, resumed, *BACKENDS["zero2"], resume=True)
+    else:  # plain `python -m dino_scale.train`: the single-process debugging path
+        run_training(None, resumed, resume=True)
+    # Same weights, optimizer state, center and data position: the rest of the run is that of the 2-process run
+    # (a lost optimizer state alone would change the next Adam steps by far more than the bound).
+    expected = losses(zero2)
+    for step in range(5, STEPS + 1):
+        assert losses(resumed)[step] == pytest.approx(expected[step], rel=1e-5), step
+    ta, tb = checkpoint_state(zero2)["teacher"], checkpoint_state(resumed)["teacher"]
+    assert max((ta[k] - tb[k]).abs().max().item() for k in ta) <= teacher_bound(zero2)
+
+
+def test_killed_zero3_run_resumes_to_the_same_result(runs: Path, zero3: Path) -> None:
+    run_dir = runs / "zero3-killed"
+    process = subprocess.Popen(
+        train_command(2, run_dir, *BACKENDS["zero3"]),
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    latest = run_dir / "checkpoints" / "latest.json"
+    deadline = time.monotonic() + 300
+    while not latest.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # SIGKILL every process of the job (torchrun starts its workers in their own sessions), as a lost node would.
+    for child in psutil.Process(process.pid).children(recursive=True):
+        child.send_signal(signal.SIGKILL)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    killed_at = max(losses(run_dir))
+    assert killed_at < STEPS, "the run finished before it could be killed; the test proves nothing"
+
+    run_training(2, run_dir, *BACKENDS["zero3"], resume=True)
+    expected, got = losses(zero3), losses(run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-6), step
+    # Same process count, backend and data position: the resumed run is bit-identical to the uninterrupted one.
+    assert final_digests(run_dir) == final_digests(zero3)
+
+
+def test_deepspeed_launcher_picks_the_deepspeed_backend(runs: Path) -> None:
+    run_dir = runs / "launcher"
+    command = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus=2",  # on CPU this is the number of processes
+        "--master_port",
+        str(free_port()),
+        "--module",
+        *train_command(None, run_dir, "max_steps=2", "deepspeed.zero_optimization.stage=1")[2:],
+    ]
+    result = subprocess.run(command, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    state = checkpoint_state(run_dir)
+    assert state["backend"] == "deepspeed" and state["data_position"]["world_size"] == 2
+
+
+def test_deepspeed_bf16_weights_feed_the_ema_through_fp32_master_copies(reference: Path, runs: Path) -> None:
+    """DeepSpeed's own bf16 mode keeps bf16 module weights; the EMA must read the fp32 master copies instead.
+
+    With teacher momentum 0 (and no lr warm-up, so that step moves the weights) the first EMA copies the student:
+    after one step the teacher must equal the fp32 masters saved in the checkpoint, bit for bit, and hold values
+    that bf16 cannot represent.
+    """
+    bf16 = ("backend=deepspeed", "deepspeed.zero_optimization.stage=2", 'deepspeed.bf16={"enabled": true}')
+    one_copying_step = ("max_steps=1", "dino.momentum_teacher=0.0", "optim.warmup_epochs=0")
+    run_dir = run_training(2, runs / "zero2-bf16", *bf16, *one_copying_step)
+    assert losses(run_dir)[1] == pytest.approx(losses(reference)[1], rel=2e-2)  # bf16 compute, same samples
+    latest = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    masters = torch.load(latest / "student_full.pt", map_location="cpu", weights_only=True)["student"]
+    teacher = checkpoint_state(run_dir)["teacher"]
+    assert all(teacher[name].dtype == torch.float32 and torch.equal(teacher[name], masters[name]) for name in teacher)
+    cls_token = teacher["backbone.cls_token"]
+    assert not torch.equal(cls_token, cls_token.bfloat16().float())  # not the bf16 module weights
+    assert len(set(final_digests(run_dir))) == 1

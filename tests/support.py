@@ -1,0 +1,120 @@
+"""Helpers shared by the tests (fixtures live in conftest.py): paths to the sample data, test pictures, a free port,
+briefly trained tiny runs and an official-style checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import torch
+from click.testing import CliRunner, Result
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_TRAIN = str(REPO / "shards/sample/train")
+SAMPLE_VAL = str(REPO / "shards/sample/val")
+SIZE = 32  # tiny models are trained and exported at 32 px
+# A ViT small enough for CPU tests with the key layout of the real ones.
+TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
+ARCH = "vit_tiny_patch16_224"
+STUDENT_SHIFT = 0.01  # official_checkpoint's student = teacher + this, so the two are told apart
+
+
+# --- pictures ---------------------------------------------------------------------------------------------------
+
+
+def photo(width: int = 160, height: int = 120, seed: int = 0) -> Image.Image:
+    """A smooth, asymmetric, colourful test picture: a random 4x4 colour grid blown up bicubically + a ramp."""
+    rng = np.random.default_rng(seed)
+    grid = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize(
+        (width, height), Image.Resampling.BICUBIC
+    )
+    arr = np.asarray(grid).astype(np.int32)
+    arr[..., 0] = (arr[..., 0] + np.linspace(0, 60, width)[None, :]).clip(0, 255)  # no mirror symmetry
+    return Image.fromarray(arr.astype(np.uint8))
+
+
+def gradient_photo(width: int = 60, height: int = 45, seed: int = 0) -> Image.Image:
+    """Small colourful RGB test image: gradients plus noise (so crops differ from each other)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.stack([xx / width * 255, yy / height * 255, (xx + yy) / (width + height) * 255], axis=-1)
+    img += rng.normal(0, 20, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+
+
+def noise_image(width: int = 128, height: int = 96, seed: int = 0) -> Image.Image:
+    """Uniform RGB noise: incompressible, so every byte of its encoding matters."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+# --- tensors, processes ---------------------------------------------------------------------------------------
+
+
+def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a rendezvous of test processes)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- runs, checkpoints, exports ---------------------------------------------------------------------------------
+
+
+def brief_run(root: Path, recipe: str, *overrides: str) -> Path:
+    """Train a recipe for a few steps on the sample shards; returns the run directory."""
+    from dino_scale.config import load_config
+    from dino_scale.train.loop import train
+
+    run_dir = root / Path(recipe).stem
+    cfg = load_config(
+        recipe,
+        [
+            f"data.train_shards={json.dumps(SAMPLE_TRAIN)}",
+            f"output_dir={json.dumps(str(run_dir))}",
+            "data.samples_per_epoch=16",
+            "epochs=2",
+            *overrides,
+        ],
+    )
+    train(cfg)
+    return run_dir
+
+
+def export(*args: str) -> Result:
+    """`dino-scale export` with the sample images as the parity gate's real images."""
+    from dino_scale.cli import main as cli
+
+    return CliRunner().invoke(cli, ["export", "--parity-shards", SAMPLE_VAL, *args])
+
+
+def export_vit(vit_run: Path, *args: str) -> Result:
+    """Export the briefly trained tiny ViT at its training size."""
+    return export("--checkpoint", str(vit_run), "--image-size", str(SIZE), *args)
+
+
+def official_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """A file laid out like facebookresearch/dino's checkpoint.pth (DDP student, plain teacher, argparse args)."""
+    from dino_scale.models.backbones import create_backbone
+
+    torch.manual_seed(123)
+    backbone = create_backbone(ARCH, **TINY).state_dict()
+    head = {"head.mlp.0.weight": torch.randn(8, 48), "head.last_layer.weight_v": torch.randn(16, 8)}
+    torch.save(
+        {
+            "student": {f"module.backbone.{k}": v + STUDENT_SHIFT for k, v in backbone.items()}
+            | {f"module.{k}": v for k, v in head.items()},
+            "teacher": {f"backbone.{k}": v for k, v in backbone.items()} | head,
+            "epoch": 100,
+            "args": argparse.Namespace(arch="vit_tiny", patch_size=8),
+        },
+        path,
+    )
+    return backbone
