@@ -104,13 +104,14 @@ def list_shard_items(pattern: str | Sequence[str]) -> list[ImageItem]:
                             continue  # a label cut off by the damage: the sample goes with it
         except (tarfile.TarError, OSError) as error:
             raise InputError(f"cannot read the tar file {path}: {error}") from None
+        file_size = os.path.getsize(path)
         for key, by_ext in members.items():
             image_ext = image_extension(by_ext)
             if image_ext is None:
                 log.warning("%s: sample %s has no image member (%s); skipped", path, key, sorted(by_ext))
                 continue
             image = by_ext[image_ext]
-            if image.offset_data + image.size > os.path.getsize(path) or ("cls" in by_ext and key not in labels):
+            if image.offset_data + image.size > file_size or ("cls" in by_ext and key not in labels):
                 continue  # cut off by the damage
             items.append(
                 ImageItem(

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from dino_scale.data.augment import normalize
-from dino_scale.data.items import list_shard_items
+from dino_scale.data.items import ImageItem, list_shard_items
 from dino_scale.data.loaders import iterate_crops
+from dino_scale.data.shards import expand_shards
 from dino_scale.errors import NotFound, ParityError
 from dino_scale.export.graph import InferenceModel, example_input
 from dino_scale.export.runtimes import Runner
@@ -108,9 +109,14 @@ def real_images(shards: str | Path, image_size: int, count: int, as_uint8: bool)
     """The first readable ``count`` images of the shards, centre-cropped to ``image_size``: uint8 NHWC or normalised
     NCHW; None when there are no such shards."""
     try:
-        items = list_shard_items(str(shards))[:count]
+        urls = expand_shards(str(shards))
     except NotFound:
         return None
+    items: list[ImageItem] = []
+    for url in urls:  # one shard at a time: a long pattern is not listed in full for 8 images
+        items += list_shard_items(url)[: count - len(items)]
+        if len(items) == count:
+            break
     for batch in iterate_crops(items, image_size, batch_size=count, workers=0, progress=False):
         if batch.crops is not None:
             return batch.crops.permute(0, 2, 3, 1).contiguous() if as_uint8 else normalize(batch.crops)
