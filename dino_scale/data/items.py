@@ -57,7 +57,8 @@ def list_image_files(root: str | Path) -> tuple[list[ImageItem], int]:
         raise NotFound(f"{root} is not a directory")
     files = list_files(root)
     found = [p for p in files if is_image_file(p)]
-    return [ImageItem(key=str(p.resolve()), path=str(p.resolve())) for p in found], len(files) - len(found)
+    resolved = [str(p.resolve()) for p in found]
+    return [ImageItem(key=path, path=path) for path in resolved], len(files) - len(found)
 
 
 def list_class_folder(root: str | Path) -> tuple[list[ImageItem], list[str]]:

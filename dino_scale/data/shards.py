@@ -249,7 +249,7 @@ class _TarSequence:
         self.counts: dict[str, int] = {}  # shard file name -> samples
         self.written = 0
         self._writer: wds.TarWriter | None = None
-        self._tmp = out / f".{prefix}.tar.tmp"
+        self._tmp: Path | None = None  # the shard in progress, under its temporary name
         self._in_shard = 0
 
     def write(self, sample: dict[str, Any]) -> None:
@@ -263,7 +263,7 @@ class _TarSequence:
             self._finish_shard()
 
     def _finish_shard(self) -> None:
-        assert self._writer is not None
+        assert self._writer is not None and self._tmp is not None
         self._writer.close()
         self._writer = None
         final = self.out / f"{self.prefix}-{len(self.shards):06d}.tar"
@@ -282,6 +282,7 @@ class _TarSequence:
             self._finish_shard()
         else:  # interrupted mid-shard: leave no temporary file behind
             self._writer.close()
+            assert self._tmp is not None
             self._tmp.unlink(missing_ok=True)
 
 
