@@ -64,7 +64,7 @@ def shard_command(images_dir: str, out_dir: str, maxcount: int, prefix: str, max
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .safetensors file.")
 def convert_command(source: str, arch: str, which: str, timm_kwargs: str, out: str) -> None:
     """Import a backbone (e.g. an official DINO checkpoint) as timm-named safetensors, verified by loading it."""
-    from dino_scale.errors import blame
+    from dino_scale.errors import ConfigError, blame
     from dino_scale.io import save_safetensors
     from dino_scale.models.backbones import create_backbone
     from dino_scale.models.weights import extract_backbone_state_dict, load_backbone_weights
@@ -72,8 +72,12 @@ def convert_command(source: str, arch: str, which: str, timm_kwargs: str, out: s
     extra = _json_option(timm_kwargs, "--timm-kwargs")
     with blame("source"):
         weights = extract_backbone_state_dict(source, which=which)
-    with blame("arch"):
-        backbone = create_backbone(arch, **extra)
+    try:
+        with blame("arch"):
+            backbone = create_backbone(arch, **extra)
+    except ConfigError as error:  # kwargs the arch does not take: this command's flag, not the recipe key
+        error.argument = "timm_kwargs"
+        raise
     load_backbone_weights(backbone, weights, source=source)
     state = {name: tensor.detach().contiguous() for name, tensor in backbone.state_dict().items()}
     save_safetensors(state, out, metadata={"arch": arch, "timm_kwargs": json.dumps(extra), "source": source})

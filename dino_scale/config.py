@@ -4,39 +4,79 @@ A recipe is a JSON file. Everything except the `deepspeed` block is validated he
 impossible values stop before any work, naming the file and the dotted key). The `deepspeed` block is DeepSpeed's
 own config schema; we read the few keys the training loop itself needs from it (micro batch, accumulation,
 precision, clipping) so that each of those numbers lives in one place, and hand the whole block to DeepSpeed.
+
+Every number has a finite range far beyond any real use (the official DINO trains 800 epochs at most), so that a
+typo (`epochs: 1e12`, `lr: 5e4`) stops here with a one-line message instead of exhausting memory or overflowing
+later. A ConfigError from this module is one line: `invalid config FILE: key: problem; key: problem`.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import reprlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dino_scale.errors import ConfigError
 
 BACKENDS = ("auto", "local", "ddp", "deepspeed", "fsdp")
 
+# Upper bounds shared by several settings (see the module docstring).
+MAX_EPOCHS = 10_000
+"""epochs, and every setting counted in epochs (warmups, freeze_last_layer)."""
+MAX_STEPS = 10**9
+"""Settings counted in optimizer steps (max_steps, log_every, checkpoint_every, monitor.patience_steps)."""
+MAX_IMAGE_SIZE = 4096
+"""Crop and evaluation sizes, in pixels."""
+MAX_TEMPERATURE = 10.0
+MIN_TEMPERATURE = 1e-3
+"""Temperatures divide logits; the paper's are 0.04 - 0.1, and below 1e-3 low precision overflows."""
+MAX_NESTING = 32
+"""Objects and lists nest at most this deep in a recipe (DeepSpeed's blocks need 3); deeper ones are refused before
+any recursive code (the JSON parser, validation, serialisation) meets them."""
+MAX_DEEPSPEED_BATCH = 2**20
+"""deepspeed.train_micro_batch_size_per_gpu and gradient_accumulation_steps; train_batch_size is bounded by 2**30."""
+_INT64 = 2**63
+RESERVED_TIMM_KWARGS = {
+    "model_name": "the architecture is model.arch",
+    "arch": "the architecture is model.arch",
+    "drop_path_rate": "set model.drop_path_rate",
+    "num_classes": "the backbone returns pooled features (num_classes=0) for the DINO head",
+    "pretrained": "start from weights with model.init_backbone; timm never downloads here",
+    "pretrained_cfg": "start from weights with model.init_backbone; timm never downloads here",
+    "pretrained_cfg_overlay": "start from weights with model.init_backbone; timm never downloads here",
+    "checkpoint_path": "start from weights with model.init_backbone",
+    "cache_dir": "start from weights with model.init_backbone; timm never downloads here",
+}
+"""timm.create_model arguments that model.timm_kwargs may not set, and what to do instead."""
+
 
 class _Strict(BaseModel):
     # extra="forbid": a misspelt key is an error, not a silently ignored setting.
-    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+    # allow_inf_nan=False: JSON's NaN / Infinity would pass a `gt=0` bound and poison the schedules (NaN turns
+    # clipping off); every float setting must be finite.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
     arch: str = "vit_small_patch16_224"
     """timm model name of the backbone (`timm.create_model(arch, pretrained=False, num_classes=0)`)."""
     timm_kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Extra keyword arguments for timm.create_model, e.g. depth/embed_dim for tiny CPU models."""
+    """Extra keyword arguments for timm.create_model, e.g. depth/embed_dim for tiny CPU models: identifier keys,
+    values JSON scalars or lists of them; not the RESERVED_TIMM_KWARGS. Whether the arch takes them is known only
+    when the backbone is built (dino_scale.models.backbones.create_backbone blames model.timm_kwargs then)."""
     drop_path_rate: float = Field(0.1, ge=0.0, lt=1.0)
     """Stochastic depth on the student only; the teacher never drops paths."""
-    out_dim: int = Field(65536, gt=0)
-    hidden_dim: int = Field(2048, gt=0)
-    bottleneck_dim: int = Field(256, gt=0)
-    head_layers: int = Field(3, ge=1)
+    out_dim: int = Field(65536, gt=0, le=2**20)
+    """Prototypes K (the paper ablates up to 262,144)."""
+    hidden_dim: int = Field(2048, gt=0, le=65536)
+    bottleneck_dim: int = Field(256, gt=0, le=65536)
+    head_layers: int = Field(3, ge=1, le=32)
     use_bn_in_head: bool = False
     norm_last_layer: bool = True
     grad_checkpointing: bool = False
@@ -46,19 +86,45 @@ class ModelConfig(_Strict):
     """Start student and teacher backbones from these weights: one of our runs / checkpoints / safetensors, or an
     official facebookresearch/dino checkpoint (full or backbone-only). The head starts fresh."""
 
+    @field_validator("timm_kwargs")
+    @classmethod
+    def _check_timm_kwargs(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        for key, value in kwargs.items():
+            if not key.isidentifier():
+                raise ValueError(f"key {_short(key)} is not a Python identifier (a keyword argument name)")
+            if key in RESERVED_TIMM_KWARGS:
+                raise ValueError(f"{key} cannot be set here: {RESERVED_TIMM_KWARGS[key]}")
+            for item in value if isinstance(value, list) else [value]:
+                if item is None or isinstance(item, (bool, str)):
+                    continue
+                if isinstance(item, int) and -_INT64 <= item < _INT64:
+                    continue
+                if isinstance(item, float) and math.isfinite(item):
+                    continue
+                raise ValueError(
+                    f"{key} must be a string, finite number, true/false, null or a list of them, got {_short(value)}"
+                )
+        return kwargs
+
 
 class DataConfig(_Strict):
     train_shards: str = "shards/sample/train"
     """WebDataset shards: a directory, a glob or a brace pattern (`data/train-{000000..000127}.tar`)."""
-    samples_per_epoch: int | None = Field(None, gt=0)
-    """Epoch length in samples; by default read from shards.json beside the shards or counted."""
-    num_workers: int = Field(8, ge=0)
-    shuffle_buffer: int = Field(5000, ge=1)
-    global_crop_size: int = Field(224, gt=0)
-    local_crop_size: int = Field(96, gt=0)
-    local_crops_number: int = Field(8, ge=0)
+    samples_per_epoch: int | None = Field(None, gt=0, le=10**10)
+    """Epoch length in samples (at most 10^10, twice LAION-5B); by default read from shards.json beside the shards or
+    counted."""
+    num_workers: int = Field(8, ge=0, le=256)
+    """DataLoader worker processes per training process."""
+    shuffle_buffer: int = Field(5000, ge=1, le=10**6)
+    """Encoded samples each worker holds to shuffle (at most 10^6: about 100 GB of JPEGs)."""
+    global_crop_size: int = Field(224, gt=0, le=MAX_IMAGE_SIZE)
+    local_crop_size: int = Field(96, gt=0, le=MAX_IMAGE_SIZE)
+    local_crops_number: int = Field(8, ge=0, le=64)
     global_crops_scale: list[float] = Field(default_factory=lambda: [0.4, 1.0], min_length=2, max_length=2)
     local_crops_scale: list[float] = Field(default_factory=lambda: [0.05, 0.4], min_length=2, max_length=2)
+    max_skipped_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    """Stop when more than this fraction of the samples read so far were unreadable and skipped (1.0: never). Judged
+    at log steps once at least 1,000 samples have been read, so one bad image early on is not a verdict."""
 
     @model_validator(mode="after")
     def _check_scales(self) -> DataConfig:
@@ -71,36 +137,59 @@ class DataConfig(_Strict):
 
 class OptimConfig(_Strict):
     name: Literal["adamw", "sgd", "lars"] = "adamw"
-    lr: float = Field(5e-4, gt=0.0)
-    """Peak learning rate for a global batch of 256; scaled linearly by global batch / 256."""
-    min_lr: float = Field(1e-6, ge=0.0)
-    warmup_epochs: float = Field(10, ge=0.0)
-    weight_decay: float = Field(0.04, ge=0.0)
-    weight_decay_end: float = Field(0.4, ge=0.0)
+    lr: float = Field(5e-4, gt=0.0, le=100.0)
+    """Peak learning rate for a global batch of 256; scaled linearly by global batch / 256. At most 100 (LARS runs
+    use 0.3 - 4.8)."""
+    min_lr: float = Field(1e-6, ge=0.0, le=100.0)
+    warmup_epochs: float = Field(10, ge=0.0, le=MAX_EPOCHS)
+    weight_decay: float = Field(0.04, ge=0.0, le=10.0)
+    weight_decay_end: float = Field(0.4, ge=0.0, le=10.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     """SGD / LARS momentum (AdamW uses its default betas)."""
-    freeze_last_layer: float = Field(1, ge=0.0)
+    freeze_last_layer: float = Field(1, ge=0.0, le=MAX_EPOCHS)
     """Epochs during which the head's last layer gets no updates (stabilises the start of training)."""
 
 
 class DinoConfig(_Strict):
-    student_temp: float = Field(0.1, gt=0.0)
-    warmup_teacher_temp: float = Field(0.04, gt=0.0)
-    teacher_temp: float = Field(0.07, gt=0.0)
-    warmup_teacher_temp_epochs: float = Field(30, ge=0.0)
+    student_temp: float = Field(0.1, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)
+    """Temperatures lie in [1e-3, 10]: they divide logits, and below 1e-3 low precision overflows."""
+    warmup_teacher_temp: float = Field(0.04, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)
+    teacher_temp: float = Field(0.07, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)
+    warmup_teacher_temp_epochs: float = Field(30, ge=0.0, le=MAX_EPOCHS)
     center_momentum: float = Field(0.9, ge=0.0, le=1.0)
     momentum_teacher: float = Field(0.996, ge=0.0, le=1.0)
     """Teacher EMA momentum at step 0; it follows a cosine to 1.0 at the last step."""
+
+
+class MonitorConfig(_Strict):
+    """The collapse monitor (see dino_scale.train.monitor): the teacher's mean entropy H(P_t) and KL(P_t || P_s) are
+    judged at each log step; a collapse held for `patience_steps` optimizer steps warns or stops the run."""
+
+    collapse: Literal["off", "warn", "stop"] = "warn"
+    patience_steps: int = Field(200, gt=0, le=MAX_STEPS)
+    """Optimizer steps a collapse sign must hold (at every log step in between) before the monitor acts."""
+    low_entropy: float = Field(0.02, ge=0.0, le=1.0)
+    """H(P_t) below this fraction of log K: one dimension dominates (what sharpening without centering gives)."""
+    high_entropy: float = Field(0.98, ge=0.0, le=1.0)
+    """H(P_t) above this fraction of log K: P_t is uniform (what centering without sharpening gives)."""
+    low_kl: float = Field(1e-3, ge=0.0, le=100.0)
+    """KL(P_t || P_s) in nats below this: the student matches the teacher trivially (both collapses end there)."""
+
+    @model_validator(mode="after")
+    def _check_order(self) -> MonitorConfig:
+        if self.low_entropy >= self.high_entropy:
+            raise ValueError(f"low_entropy ({self.low_entropy}) must be below high_entropy ({self.high_entropy})")
+        return self
 
 
 class EvalConfig(_Strict):
     knn_train_shards: str | None = None
     """Labelled shards used as the k-NN memory bank at the end of training (None: no k-NN evaluation)."""
     knn_val_shards: str | None = None
-    knn_k: int = Field(20, gt=0)
-    knn_temperature: float = Field(0.07, gt=0.0)
-    image_size: int = Field(224, gt=0)
-    batch_size: int = Field(128, gt=0)
+    knn_k: int = Field(20, gt=0, le=10_000)
+    knn_temperature: float = Field(0.07, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)
+    image_size: int = Field(224, gt=0, le=MAX_IMAGE_SIZE)
+    batch_size: int = Field(128, gt=0, le=65536)
 
 
 _AUTOCAST_DTYPES = {
@@ -126,44 +215,63 @@ class TrainConfig(_Strict):
     name: str = "dino"
     """Run name; the default output directory is runs/<name>."""
     output_dir: str | None = None
-    seed: int = 0
-    epochs: int = Field(100, gt=0)
-    max_steps: int | None = Field(None, gt=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    """0 .. 2**32 - 1: what every random number generator (torch, numpy, random) accepts."""
+    epochs: int = Field(100, gt=0, le=MAX_EPOCHS)
+    max_steps: int | None = Field(None, gt=0, le=MAX_STEPS)
     """Stop after this many optimizer steps (smoke runs); schedules still span `epochs`."""
     backend: Literal["auto", "local", "ddp", "deepspeed", "fsdp"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    log_every: int = Field(10, gt=0)
-    checkpoint_every: int = Field(1000, gt=0)
+    log_every: int = Field(10, gt=0, le=MAX_STEPS)
+    checkpoint_every: int = Field(1000, gt=0, le=MAX_STEPS)
     """Optimizer steps between checkpoints (one is always written at the end)."""
-    keep_checkpoints: int = Field(3, gt=0)
+    keep_checkpoints: int = Field(3, gt=0, le=10_000)
+    skip_nonfinite_steps: int = Field(0, ge=0, le=10**6)
+    """Optimizer steps with a non-finite loss or gradient norm that may be skipped (no update, counted in the
+    metrics as `skipped_steps`) before the run stops; 0 stops at the first, as official DINO does."""
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     dino: DinoConfig = Field(default_factory=DinoConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     deepspeed: dict[str, Any] = Field(default_factory=dict)
-    """DeepSpeed's own config schema; see the `micro_batch_size` etc. properties for the keys we read."""
+    """DeepSpeed's own config schema; see the `micro_batch_size` etc. properties for the keys we read. Every number in
+    it must be finite (NaN clipping would turn clipping off) and fit in 64 bits."""
 
     @model_validator(mode="after")
     def _check_deepspeed_block(self) -> TrainConfig:
         ds = self.deepspeed
-        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        _check_numbers(ds, "deepspeed")
+        for key, most in (
+            ("train_micro_batch_size_per_gpu", MAX_DEEPSPEED_BATCH),
+            ("gradient_accumulation_steps", MAX_DEEPSPEED_BATCH),
+            ("train_batch_size", 2**30),
+        ):
             value = ds.get(key, 1)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"deepspeed.{key} must be a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+                raise ValueError(f"deepspeed.{key} must be a positive integer, at most {most}, got {_short(value)}")
         if "train_micro_batch_size_per_gpu" not in ds:
             raise ValueError("deepspeed.train_micro_batch_size_per_gpu is required (the per-device batch)")
         clip = ds.get("gradient_clipping", 0.0)
-        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
-            raise ValueError(f"deepspeed.gradient_clipping must be a number >= 0, got {clip!r}")
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 0:
+            raise ValueError(f"deepspeed.gradient_clipping must be a finite number >= 0 (0: off), got {_short(clip)}")
         for key in ("bf16", "fp16", "torch_autocast"):
             block = ds.get(key, {})
             if not isinstance(block, dict) or not isinstance(block.get("enabled", False), bool):
-                raise ValueError(f'deepspeed.{key} must be an object like {{"enabled": true}}, got {block!r}')
+                raise ValueError(f'deepspeed.{key} must be an object like {{"enabled": true}}, got {_short(block)}')
         autocast_dtype = ds.get("torch_autocast", {}).get("dtype", "bfloat16")
-        if autocast_dtype not in _AUTOCAST_DTYPES:
+        if not isinstance(autocast_dtype, str) or autocast_dtype not in _AUTOCAST_DTYPES:
             raise ValueError(
-                f"deepspeed.torch_autocast.dtype must be one of {sorted(_AUTOCAST_DTYPES)}, got {autocast_dtype!r}"
+                f"deepspeed.torch_autocast.dtype must be one of {sorted(_AUTOCAST_DTYPES)}, "
+                f"got {_short(autocast_dtype)}"
+            )
+        zero = ds.get("zero_optimization", {})
+        stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+        if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+            raise ValueError(
+                f'deepspeed.zero_optimization must be an object like {{"stage": 2}} with stage 0 .. 3, '
+                f"got {_short(zero)}"
             )
         enabled = [k for k in ("bf16", "fp16", "torch_autocast") if ds.get(k, {}).get("enabled", False)]
         if len(enabled) > 1:
@@ -249,32 +357,45 @@ def shipped_recipes_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "configs"
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long for the file system, say
+        return False
+
+
 def resolve_config_path(name: str | Path) -> Path:
     """A path that exists as given wins; a bare recipe name (`vitb8.json`, `vitb8`) falls back to the shipped one."""
     path = Path(name)
-    if path.is_file():
+    if _is_file(path):
         return path
     if len(path.parts) == 1:
         for candidate in (path.name, f"{path.name}.json"):
             shipped = shipped_recipes_dir() / candidate
-            if shipped.is_file():
+            if _is_file(shipped):
                 return shipped
     available = sorted(p.name for p in shipped_recipes_dir().glob("*.json"))
-    raise ConfigError(f"config file not found: {name} (shipped recipes: {', '.join(available) or 'none'})")
+    raise ConfigError(
+        f"config file not found: {_one_line(str(name))} (shipped recipes: {', '.join(available) or 'none'})"
+    )
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`optim.lr=1e-3` -> (["optim", "lr"], 0.001). Values are JSON when they parse as JSON, else strings."""
     if "=" not in item:
-        raise ConfigError(f"--set expects key=value, got {item!r}")
+        raise ConfigError(f"--set expects key=value, got {_short(item)}")
     key, raw = item.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
-        raise ConfigError(f"--set has an empty key segment in {key!r}")
+        raise ConfigError(f"--set has an empty key segment in {_short(key)}")
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
+    except RecursionError:
+        raise ConfigError(f"--set {_one_line(key)}: objects and lists nest deeper than {MAX_NESTING} levels") from None
+    except ValueError as error:  # an integer of more digits than Python converts
+        raise ConfigError(f"--set {_one_line(key)}: {_one_line(str(error))}") from None
     return parts, value
 
 
@@ -286,26 +407,113 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         for depth, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {item}: {'.'.join(parts[: depth + 1])} is not an object")
+                raise ConfigError(f"--set {_short(item)}: {_one_line('.'.join(parts[: depth + 1]))} is not an object")
             node = child
         node[parts[-1]] = value
     return raw
 
 
+# --- one-line messages ------------------------------------------------------------------------------------------
+
+_MAX_FAULTS = 10
+"""A message lists this many faults at most (then `... (+N more)`)."""
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    """`text` with line breaks and other control characters escaped, cut to `limit` characters."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _Repr(reprlib.Repr):
+    """reprlib's bounded repr (a recipe value may be a megabyte of JSON, or nested deep), also for integers too long
+    for repr()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxdict, self.maxlist, self.maxstring, self.maxother = 3, 6, 6, 60, 60
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 200:
+            return f"<an integer of about {int(x.bit_length() * math.log10(2)) + 1} digits>"
+        return super().repr_int(x, level)
+
+
+_REPR = _Repr()
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr(value) on one line, cut to `limit` characters."""
+    return _one_line(_REPR.repr(value), limit)
+
+
+def _key_part(part: str | int) -> str:
+    if isinstance(part, int):
+        return str(part)
+    return part if part.isidentifier() and len(part) <= 60 else _short(part, 60)
+
+
+def _join_faults(faults: list[str]) -> str:
+    shown = faults[:_MAX_FAULTS]
+    if len(faults) > _MAX_FAULTS:
+        shown.append(f"... (+{len(faults) - _MAX_FAULTS} more)")
+    return "; ".join(shown)
+
+
 def _format_validation_error(source: str, error: ValidationError) -> str:
-    lines = [f"invalid config {source}:"]
+    """`invalid config SOURCE: key: problem; key: problem`, one line."""
+    faults = []
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"])
-        message = item["msg"].removeprefix("Value error, ")
+        key = ".".join(_key_part(part) for part in item["loc"])
+        message = _one_line(item["msg"].removeprefix("Value error, "), 300)
         if item["type"] == "extra_forbidden":
             message = "unknown key"
         elif "input" in item and item["type"] != "value_error":
-            message = f"{message} (got {item['input']!r})"
-        lines.append(f"  {key}: {message}" if key else f"  {message}")
-    return "\n".join(lines)
+            message = f"{message} (got {_short(item['input'])})"
+        faults.append(f"{key}: {message}" if key else message)
+    return f"invalid config {source}: {_join_faults(faults)}"
+
+
+# --- structure checks -------------------------------------------------------------------------------------------
+
+
+def _too_deep(value: Any, path: str) -> str | None:
+    """The dotted key of the first container nested deeper than MAX_NESTING, or None. No recursion."""
+    stack = [(value, path, 1)]
+    while stack:
+        node, where, depth = stack.pop()
+        if isinstance(node, dict):
+            children = ((f"{where}.{_key_part(k)}" if where else _key_part(k), v) for k, v in node.items())
+        elif isinstance(node, list):
+            children = ((f"{where}[{i}]", v) for i, v in enumerate(node))
+        else:
+            continue
+        if depth > MAX_NESTING:
+            return _one_line(where, 100) or "the top level"
+        stack.extend((child, child_where, depth + 1) for child_where, child in children)
+    return None
+
+
+def _check_numbers(block: Any, path: str) -> None:
+    """Every number in a free-form block (the `deepspeed` one) finite and within 64 bits; no recursion."""
+    stack = [(block, path)]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, dict):
+            stack.extend((v, f"{where}.{_key_part(k)}") for k, v in reversed(node.items()))
+        elif isinstance(node, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in reversed(list(enumerate(node))))
+        elif isinstance(node, float) and not math.isfinite(node):
+            raise ValueError(f"{where} must be a finite number, got {node}")
+        elif isinstance(node, int) and not isinstance(node, bool) and not -_INT64 <= node < _INT64:
+            raise ValueError(f"{where} must fit in 64 bits, got {_short(node)}")
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> TrainConfig:
+    deep = _too_deep(raw, "")
+    if deep is not None:
+        raise ConfigError(f"invalid config {source}: {deep}: objects and lists nest deeper than {MAX_NESTING} levels")
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as error:
@@ -313,14 +521,35 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> TrainConfig
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a recipe, apply `--set` overrides, validate. Errors name the file and the key."""
+    """Read a recipe, apply `--set` overrides, validate. Errors are one line naming the file and the key."""
     resolved = resolve_config_path(path)
+    overrides = list(overrides or [])
     try:
-        raw = json.loads(resolved.read_text())
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"config {resolved} is not valid JSON: {error}") from None
+        data = resolved.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"config {resolved} cannot be read: {error.strerror or error}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"config {resolved} is not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); "
+            "save it as UTF-8 JSON"
+        ) from None
+    try:
+        raw = json.loads(text)
+    except RecursionError:
+        raise ConfigError(
+            f"config {resolved} is not valid JSON: objects and lists nest deeper than {MAX_NESTING} levels"
+        ) from None
+    except ValueError as error:  # JSONDecodeError, or an integer of more digits than Python converts
+        raise ConfigError(f"config {resolved} is not valid JSON: {_one_line(str(error))}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"config {resolved} must hold a JSON object at the top level")
-    raw = apply_overrides(raw, list(overrides or []))
-    source = str(resolved) + (f" (with --set {' '.join(overrides)})" if overrides else "")
+        raise ConfigError(
+            f"config {resolved} must hold a JSON object at the top level, got {type(raw).__name__} {_short(raw, 40)}"
+        )
+    try:
+        raw = apply_overrides(raw, overrides)
+    except ConfigError as error:
+        raise ConfigError(f"config {resolved}: {error}") from None
+    source = str(resolved) + (f" (with --set {' '.join(_one_line(o, 80) for o in overrides)})" if overrides else "")
     return config_from_dict(raw, source)

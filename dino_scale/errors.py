@@ -5,8 +5,12 @@
     │   ├── ConfigError             a recipe or `--set` override that cannot be used
     │   └── NotFound (FileNotFoundError)   a file, folder or shard that is not there
     ├── CheckpointError             a checkpoint that exists but cannot be read safely
+    │   └── IncompatibleCheckpoint  an intact checkpoint this configuration cannot continue from
     ├── Unavailable                 a backend, runtime, package or device that this machine lacks
+    ├── WriteFailed (OSError)       a file could not be written (disk full, read-only, no permission)
     ├── NonFiniteError              training produced NaN / inf
+    ├── CollapseError               the teacher collapsed (uniform or one dimension) and the monitor stopped the run
+    ├── PeerLost                    another process of the job died in the middle of a collective
     └── ParityError                 an exported artifact disagrees with the PyTorch model
 
 Library code phrases messages in terms of values and files; an error may also carry the name of the argument it
@@ -47,9 +51,29 @@ class CheckpointError(DinoScaleError, RuntimeError):
     """A checkpoint file exists but cannot be read safely (corrupt, truncated, disallowed objects, wrong layout)."""
 
 
+class IncompatibleCheckpoint(CheckpointError):
+    """A checkpoint of ours, intact, that this run's configuration cannot continue from (written by another number of
+    processes with ZeRO-3, a sharded folder of another backend, ...). The older checkpoints of the run were written
+    the same way, so resuming stops with this message instead of falling back to them."""
+
+
 class Unavailable(DinoScaleError, RuntimeError):
     """What was asked for cannot run here (a backend, runtime, package or device is missing); the message says
     which, and what to do instead."""
+
+
+class WriteFailed(DinoScaleError, OSError):
+    """A file could not be written (no space left, quota, read-only file system, permission); the message names the
+    path, the reason and, for a full disk, the free space and the space needed. Nothing half-written is left."""
+
+
+class PeerLost(DinoScaleError, RuntimeError):
+    """Another process of a multi-process job died (a collective lost its peer); the message names the last
+    checkpoint to resume from."""
+
+
+class CollapseError(DinoScaleError, RuntimeError):
+    """The collapse monitor saw the teacher collapse (monitor.collapse = "stop"); the message holds the figures."""
 
 
 class NonFiniteError(DinoScaleError, RuntimeError):

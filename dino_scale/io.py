@@ -13,9 +13,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -25,7 +27,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from dino_scale.errors import CheckpointError, InputError, NotFound
+from dino_scale.errors import CheckpointError, InputError, NotFound, WriteFailed
 
 # Temp files start with "." and end with ".tmp" so that no glob/regex for final names can ever match them.
 TMP_SUFFIX = ".tmp"
@@ -61,29 +63,77 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def _existing_parent(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path(".")
+
+
+def write_failure(path: str | Path, error: OSError, needed: int | None = None) -> WriteFailed:
+    """A one-line WriteFailed for an OSError raised while writing ``path``: the path, the reason and, when the disk
+    (or quota) is full, the free space there and the space needed (``needed`` bytes, when the writer knows it)."""
+    path = Path(path)
+    reason = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = human_bytes(shutil.disk_usage(_existing_parent(path.parent)).free)
+        except OSError:
+            free = "unknown"
+        need = f"; it needs about {human_bytes(needed)}" if needed else ""
+        return WriteFailed(f"cannot write {path}: {reason} ({free} free in {path.parent}{need}); free some space and "
+                           "run again")
+    return WriteFailed(f"cannot write {path}: {reason}")
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None], needed: int | None = None) -> None:
     """Run ``write(tmp_path)`` on a temp file next to ``path``, fsync it, then atomically rename it.
 
     The temp file lives in the same directory so that ``os.replace`` is a same-filesystem rename (atomic).
-    On any failure (including KeyboardInterrupt) the temp file is removed and ``path`` is left untouched.
+    On any failure (including KeyboardInterrupt) the temp file is removed and ``path`` is left untouched; an
+    OSError (a full disk, a read-only folder) becomes a one-line WriteFailed naming the path (``needed``: the size
+    the writer expects, for the message).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the final file gets the usual permissions
+    tmp: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the final file gets the usual permissions
         write(tmp)
         # Flush the data to disk before the rename, otherwise a power loss could leave a renamed empty file.
         with open(tmp, "rb+") as f:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as error:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError) and not isinstance(error, WriteFailed):
+            raise write_failure(path, error, needed) from error
         raise
     fsync_dir(path.parent)
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of tensor data in a (nested) state: what a torch / safetensors file of it needs, give or take headers."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(tensor_bytes(value) for value in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(value) for value in obj)
+    return 0
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -93,21 +143,17 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
 
-    atomic_write(path, write)
+    atomic_write(path, write, needed=tensor_bytes(obj))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a text file atomically (temporary file in the same folder, fsync, rename)."""
-
-    def write(tmp: Path) -> None:
-        tmp.write_text(text, encoding="utf-8")
-
-    atomic_write(path, write)
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
     """Write ``data`` to ``path`` atomically."""
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    atomic_write(path, lambda tmp: tmp.write_bytes(data), needed=len(data))
 
 
 def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = 2, **dumps: Any) -> None:
@@ -204,10 +250,22 @@ def save_safetensors(
         if bad:
             raise TypeError(f"safetensors metadata keys and values must be str; offending keys: {bad[:5]}")
 
-    def write(tmp: Path) -> None:
-        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+    atomic_write_bytes(path, canonical_safetensors(safetensors.torch.save(tensors, metadata=metadata)))
 
-    atomic_write(path, write)
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same file with its JSON header's keys sorted, so identical tensors and metadata give identical bytes.
+
+    safetensors keeps the metadata in a hash map, whose order changes run to run (the same tensors then got a new
+    sha256 each time); the data offsets in the header are relative to its end, so re-serialising it is safe.
+    """
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to 8 bytes with spaces
+    return len(text).to_bytes(8, "little") + text + data[8 + length :]
 
 
 def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:

@@ -8,9 +8,15 @@
         checkpoints/
             latest.json                 {"step": N, "file": "step_0000000N[.pt]"}: the newest complete checkpoint
             step_0000000N.pt            one file (local, ddp) ...
+            step_0000000N.pt.manifest.json    ... with its manifest beside it,
             step_0000000N/              ... or a folder (deepspeed, fsdp) holding trainer_state.pt (teacher, center,
                 trainer_state.pt        step, data position, RNG of every rank), the backend's own sharded files,
-                student_full.pt         and, where the backend can write it, the student by parameter name
+                student_full.pt         and, where the backend can write it, the student by parameter name,
+                manifest.json           and the manifest of every other file in the folder
+
+A manifest (written last, before latest.json moves) holds the size and sha256 of every file of its checkpoint;
+resuming verifies it before anything is loaded (dino_scale.train.checkpoint). Checkpoints written before manifests
+existed have none: they still load, unverified.
 
 Training writes this layout (dino_scale.train), export / retrieval / evaluation read it (dino_scale.models.weights);
 both go through the names here.
@@ -40,6 +46,9 @@ TRAINER_STATE_FILE = "trainer_state.pt"
 PORTABLE_STUDENT_FILE = "student_full.pt"
 # A folder checkpoint is written under this suffix and renamed into place when complete.
 STAGING_SUFFIX = ".partial"
+# The manifest of a checkpoint: inside a folder checkpoint, or beside a single file (`step_N.pt.manifest.json`).
+MANIFEST_FILE = "manifest.json"
+MANIFEST_SUFFIX = ".manifest.json"
 # A checkpoint is a file `step_N.pt` (single-process / DDP) or a folder `step_N` (sharded backends).
 STEP_NAME_RE = re.compile(r"^step_(\d+)(\.pt)?$")
 
@@ -59,6 +68,21 @@ def staging_path(run_dir: str | Path, step: int) -> Path:
     return checkpoint_dir(run_dir) / f".step_{step:08d}{STAGING_SUFFIX}"
 
 
+def manifest_path(checkpoint: Path) -> Path:
+    """The manifest of a checkpoint: `step_N.pt.manifest.json` beside a single file, `manifest.json` in a folder
+    (a staging folder too)."""
+    if checkpoint.name.endswith(".pt"):
+        return checkpoint.with_name(checkpoint.name + MANIFEST_SUFFIX)
+    return checkpoint / MANIFEST_FILE
+
+
+def step_of(checkpoint: Path) -> int:
+    match = STEP_NAME_RE.match(checkpoint.name)
+    if match is None:
+        raise ValueError(f"{checkpoint} is not named like a checkpoint (step_N or step_N.pt)")
+    return int(match.group(1))
+
+
 def step_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     """All final ``step_*.pt`` files and ``step_*`` folders in ``ckpt_dir`` as (step, path), sorted by step."""
     if not ckpt_dir.is_dir():
@@ -71,8 +95,8 @@ def step_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _read_latest_json(ckpt_dir: Path) -> Path | None:
-    """The file named by ``latest.json`` if the JSON is valid and the file exists, else None."""
+def _latest_json_name(ckpt_dir: Path) -> str | None:
+    """The checkpoint name in ``latest.json`` if the JSON is valid and names one, else None."""
     try:
         info = json.loads((ckpt_dir / LATEST_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -81,8 +105,34 @@ def _read_latest_json(ckpt_dir: Path) -> Path | None:
     # Only accept a bare step-file name: never follow a path out of the checkpoint directory.
     if not isinstance(name, str) or not STEP_NAME_RE.match(name):
         return None
+    return name
+
+
+def _read_latest_json(ckpt_dir: Path) -> Path | None:
+    """The file named by ``latest.json`` if the JSON is valid and the file exists, else None."""
+    name = _latest_json_name(ckpt_dir)
+    if name is None:
+        return None
     path = ckpt_dir / name
     return path if path.exists() else None
+
+
+def resume_candidates(run_dir: str | Path) -> list[Path]:
+    """The checkpoints a resumed run may continue from, the one to try first first: the one ``latest.json`` names
+    (even when it is missing, so that the caller reports it), then every older one, newest first. Checkpoints above
+    the one latest.json names are left out (they belong to a timeline that was abandoned by resuming from an older
+    step). Without a valid latest.json: all, newest first.
+    """
+    ckpt_dir = checkpoint_dir(run_dir)
+    found = step_checkpoints(ckpt_dir)
+    name = _latest_json_name(ckpt_dir)
+    if name is None:
+        if (ckpt_dir / LATEST_FILE).exists():
+            log.warning("Ignoring invalid %s; trying the step checkpoints from the highest", ckpt_dir / LATEST_FILE)
+        return [path for _, path in reversed(found)]
+    named = ckpt_dir / name
+    step = step_of(named)
+    return [named, *(path for s, path in reversed(found) if s < step)]
 
 
 def find_latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -12,13 +12,18 @@ import torch
 from support import brief_run
 
 INTEGRATION = Path(__file__).parent / "integration"
+FAULTS = Path(__file__).parent / "faults"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Everything under tests/integration trains, exports or launches processes: slow by definition."""
+    """Everything under tests/integration trains, exports or launches processes: slow by definition. Everything
+    under tests/faults is the fault-injection suite (`pytest -m faults`); its tests that train are marked slow."""
     for item in items:
-        if INTEGRATION in Path(item.fspath).parents:
+        parents = Path(item.fspath).parents
+        if INTEGRATION in parents:
             item.add_marker(pytest.mark.slow)
+        if FAULTS in parents:
+            item.add_marker(pytest.mark.faults)
 
 
 @pytest.fixture

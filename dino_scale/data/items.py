@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import tarfile
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from webdataset.tariterators import base_plus_ext
 
 from dino_scale.data.decode import image_extension
 from dino_scale.data.folders import is_image_file, list_files
-from dino_scale.data.shards import expand_shards, is_remote, parse_label, read_classes
+from dino_scale.data.shards import CheckedTar, expand_shards, is_remote, parse_label, read_classes, read_error_reason
 from dino_scale.errors import InputError, NotFound
 
 log = logging.getLogger(__name__)
@@ -74,51 +73,81 @@ def list_class_folder(root: str | Path) -> tuple[list[ImageItem], list[str]]:
     return items, classes
 
 
-def list_shard_items(pattern: str | Sequence[str]) -> list[ImageItem]:
+def _shard_items(path: str) -> tuple[list[ImageItem], str | None]:
+    """The samples of one local shard, and why the shard is not whole (None if it is); raises the read error when
+    the shard cannot be opened at all."""
+    members: dict[str, dict[str, tarfile.TarInfo]] = {}
+    labels: dict[str, int] = {}
+    file_size = os.path.getsize(path)
+    with CheckedTar.open(path, mode="r:") as tar:
+        try:
+            for member in tar:
+                prefix, ext = base_plus_ext(member.name)
+                if member.isreg() and prefix is not None:
+                    members.setdefault(prefix, {})[ext.lower()] = member
+            damage = tar.damage(file_size)
+        except (tarfile.TarError, OSError) as error:
+            damage = f"{read_error_reason(error)} at byte {tar.offset}"
+        for key, by_ext in members.items():
+            if "cls" in by_ext:
+                try:
+                    labels[key] = parse_label(tar.extractfile(by_ext["cls"]).read())
+                except (tarfile.TarError, OSError, ValueError):
+                    continue  # a label cut off by the damage: the sample goes with it
+    items: list[ImageItem] = []
+    for key, by_ext in members.items():
+        image_ext = image_extension(by_ext)
+        if image_ext is None:
+            log.warning("%s: sample %s has no image member (%s); skipped", path, key, sorted(by_ext))
+            continue
+        image = by_ext[image_ext]
+        if image.offset_data + image.size > file_size or ("cls" in by_ext and key not in labels):
+            continue  # cut off by the damage
+        items.append(
+            ImageItem(key=f"{path}#{key}", path=path, offset=image.offset_data, size=image.size, label=labels.get(key))
+        )
+    return items, damage
+
+
+def list_shard_items(pattern: str | Sequence[str], skipped: list[tuple[str, str]] | None = None) -> list[ImageItem]:
     """The samples of local WebDataset shards, in shard order, each located by its image member's byte offset.
 
     Reading tar headers seeks over the data, so listing is cheap; the byte offsets then let DataLoader workers
-    read any sample directly. Remote shards (``s3://``, ``pipe:``) cannot be read at an offset and are refused. A
-    shard damaged part-way (an interrupted copy, say) gives the samples before the damage, with a warning.
+    read any sample directly. Remote shards (``s3://``, ``pipe:``) cannot be read at an offset and are refused.
+    One bad shard must not stop a run over many: a shard that cannot be opened (empty, not a tar, a directory) is
+    left out, and one damaged part-way (an interrupted copy, say) gives the samples before the damage. Each gets a
+    warning naming it, a closing warning counts them, and each is appended to ``skipped`` as (shard, reason) when
+    that list is given.
+
+    Raises:
+        InputError: naming the pattern, when every one of its shards is bad and not one sample can be read.
     """
+    urls = expand_shards(pattern)
     items: list[ImageItem] = []
-    for url in expand_shards(pattern):
+    bad: list[tuple[str, str]] = []
+    for url in urls:
         if is_remote(url):
             raise InputError(f"{url} is remote; reading at byte offsets needs local shards (copy them first)")
         path = os.path.abspath(url.removeprefix("file://"))  # keys must not depend on the working directory
-        members: dict[str, dict[str, tarfile.TarInfo]] = {}
-        labels: dict[str, int] = {}
         try:
-            with tarfile.open(path, mode="r:") as tar:
-                try:
-                    for member in tar:
-                        prefix, ext = base_plus_ext(member.name)
-                        if member.isreg() and prefix is not None:
-                            members.setdefault(prefix, {})[ext.lower()] = member
-                except (tarfile.TarError, OSError) as error:
-                    warnings.warn(f"{path}: skipping damaged tar data: {error!r}", RuntimeWarning, stacklevel=2)
-                for key, by_ext in members.items():
-                    if "cls" in by_ext:
-                        try:
-                            labels[key] = parse_label(tar.extractfile(by_ext["cls"]).read())
-                        except (tarfile.TarError, OSError, ValueError):
-                            continue  # a label cut off by the damage: the sample goes with it
+            found, damage = _shard_items(path)
         except (tarfile.TarError, OSError) as error:
-            raise InputError(f"cannot read the tar file {path}: {error}") from None
-        file_size = os.path.getsize(path)
-        for key, by_ext in members.items():
-            image_ext = image_extension(by_ext)
-            if image_ext is None:
-                log.warning("%s: sample %s has no image member (%s); skipped", path, key, sorted(by_ext))
-                continue
-            image = by_ext[image_ext]
-            if image.offset_data + image.size > file_size or ("cls" in by_ext and key not in labels):
-                continue  # cut off by the damage
-            items.append(
-                ImageItem(
-                    key=f"{path}#{key}", path=path, offset=image.offset_data, size=image.size, label=labels.get(key)
-                )
-            )
+            reason = read_error_reason(error)
+            log.warning("skipping shard %s: %s", path, reason)
+            bad.append((path, reason))
+            continue
+        items.extend(found)
+        if damage is not None:
+            log.warning("damaged shard %s: %s; its %d sample(s) before the damage are used", path, damage, len(found))
+            bad.append((path, f"{damage} ({len(found)} sample(s) before it used)"))
+    if len(bad) == len(urls) and not items:
+        reasons = "; ".join(f"{path}: {reason}" for path, reason in bad[:5])
+        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise InputError(f"none of the {len(urls)} shard(s) of {pattern!r} can be read: {reasons}{more}")
+    if bad:
+        log.warning("%d of the %d shard(s) of %r were skipped or read only in part", len(bad), len(urls), pattern)
+    if skipped is not None:
+        skipped.extend(bad)
     return items
 
 
@@ -130,19 +159,23 @@ def _is_image_folder(source: str | Sequence[str]) -> bool:
     return path.is_dir() and not any(path.glob("*.tar"))
 
 
-def list_labelled(source: str | Sequence[str]) -> tuple[list[ImageItem], list[str]]:
-    """Labelled images for evaluation: a class-folder tree, or shards (a folder of .tar files, patterns, a list)."""
+def list_labelled(
+    source: str | Sequence[str], skipped: list[tuple[str, str]] | None = None
+) -> tuple[list[ImageItem], list[str]]:
+    """Labelled images for evaluation: a class-folder tree, or shards (a folder of .tar files, patterns, a list).
+    Bad shards are left out or read up to the damage and appended to ``skipped`` (see :func:`list_shard_items`)."""
     if _is_image_folder(source):
         return list_class_folder(source)
-    items = list_shard_items(source)
+    items = list_shard_items(source, skipped)
     unlabelled = [i.key for i in items if i.label is None]
     if unlabelled:
         raise InputError(f"{source}: {len(unlabelled)} sample(s) have no 'cls' label, e.g. {unlabelled[0]}")
     return items, read_classes(expand_shards(source))
 
 
-def list_image_source(source: str) -> list[ImageItem]:
-    """Images named by one string: a folder of image files, or shards (a folder of .tar files or a pattern)."""
+def list_image_source(source: str, skipped: list[tuple[str, str]] | None = None) -> list[ImageItem]:
+    """Images named by one string: a folder of image files, or shards (a folder of .tar files or a pattern). Bad
+    shards are left out or read up to the damage and appended to ``skipped`` (see :func:`list_shard_items`)."""
     if _is_image_folder(source):
         return list_image_files(source)[0]
-    return list_shard_items(source)
+    return list_shard_items(source, skipped)

@@ -13,6 +13,8 @@ The training loader is built for exact resume and multi-rank training:
   samples without decoding them and still reproduce the uninterrupted run bit for bit.
 * Each sample's augmentation draws from its own ``torch.Generator`` seeded from a stable hash of
   ``(seed, epoch, key)``, so the views do not depend on which worker decoded the sample.
+* A shard found damaged while streaming (cut short, unreadable) is read no further: the samples before the damage
+  are used, and the shard is named in ``TrainBatch.skipped_shards`` once per epoch by each worker that meets it.
 
 The evaluation loader (:func:`iterate_crops`) decodes listed items (dino_scale.data.items) in workers and keeps
 their order.
@@ -91,15 +93,40 @@ class TrainBatch:
     ``views[k]`` is view ``k`` of every sample stacked to ``[B, 3, H, W]`` (in the augmentation's dtype).
     ``skipped`` lists the keys of corrupt samples dropped while assembling this batch; their slots hold extra,
     independently augmented copies of other samples of the batch, so a key may appear twice in ``keys``.
+    ``skipped_shards`` lists the shards this batch's worker found damaged (and read no further) since its previous
+    batch; each worker names a shard once per epoch, so the training loop can count them without double counting
+    the passes a worker makes over its share.
     """
 
     views: list[torch.Tensor]
     keys: list[str]
     skipped: list[str] = field(default_factory=list)
+    skipped_shards: list[str] = field(default_factory=list)
 
     def pin_memory(self) -> TrainBatch:
         """Page-locked copy (called by ``DataLoader(pin_memory=True)``) for faster host-to-GPU transfer."""
-        return TrainBatch([v.pin_memory() for v in self.views], self.keys, self.skipped)
+        return TrainBatch([v.pin_memory() for v in self.views], self.keys, self.skipped, self.skipped_shards)
+
+
+class _DamagedShards:
+    """The damaged shards one worker has met this epoch: each is logged and reported (in a batch) once, however many
+    passes the worker makes over its share."""
+
+    def __init__(self, reader: str) -> None:
+        self.reader = reader
+        self.seen: dict[str, str] = {}  # shard -> reason
+        self.pending: list[str] = []
+
+    def __call__(self, url: str, reason: str) -> None:
+        if url not in self.seen:
+            self.seen[url] = reason
+            self.pending.append(url)
+            logger.warning("%s: skipping the rest of damaged shard %s: %s", self.reader, url, reason)
+
+    def take(self) -> list[str]:
+        """The shards met since the last call."""
+        taken, self.pending = self.pending, []
+        return taken
 
 
 def _pop_random(buffer: list[Any], rng: random.Random) -> Any:
@@ -138,8 +165,9 @@ class _TrainStream(IterableDataset):
         self.world_size = world_size
         self.shuffle_buffer = max(shuffle_buffer, 1)
 
-    def _raw_stream(self, worker: int) -> Iterator[tuple[dict[str, Any], int]]:
-        """Endless shuffled stream of (raw sample, pass number) for one logical worker."""
+    def _raw_stream(self, worker: int, damaged: _DamagedShards) -> Iterator[tuple[dict[str, Any], int]]:
+        """Endless shuffled stream of (raw sample, pass number) for one logical worker; the damaged shards it meets
+        go to ``damaged``."""
         n_global = self.world_size * self.n_local
         gid = self.rank * self.n_local + worker
         order = sorted(self.urls)  # sorted first, so every rank derives the same order from the same set
@@ -158,7 +186,7 @@ class _TrainStream(IterableDataset):
                 random.Random(stable_seed("pass-order", self.seed, self.epoch, pass_idx, owner)).shuffle(share)
             buffer: list[tuple[dict[str, Any], int]] = []
             kept = 0
-            for idx, sample in enumerate(iter_raw_samples(share)):
+            for idx, sample in enumerate(iter_raw_samples(share, damaged)):
                 if fallback and idx % n_global != gid:
                     continue
                 kept += 1
@@ -169,8 +197,10 @@ class _TrainStream(IterableDataset):
             while buffer:
                 yield _pop_random(buffer, rng)
             if kept == 0:
+                bad = "; ".join(f"{url}: {reason}" for url, reason in damaged.seen.items())
                 raise RuntimeError(
                     f"data worker {gid} of {n_global} (rank {self.rank}) got no samples from shards {share0}"
+                    + (f" (damaged: {bad})" if bad else "")
                 )
 
     def _augment(self, image: Image.Image, key: str, pass_idx: int, fill: int | None = None) -> list[torch.Tensor]:
@@ -226,11 +256,16 @@ class _TrainStream(IterableDataset):
         done = len(range(worker, self.start_batch, self.n_local))
         if quota - done <= 0:
             return
-        stream = self._raw_stream(worker)
+        damaged = _DamagedShards(f"data worker {self.rank * self.n_local + worker} (rank {self.rank})")
+        stream = self._raw_stream(worker, damaged)
         # Resume: every batch occupies exactly batch_size raw samples, so skip them without decoding.
         collections.deque(itertools.islice(stream, done * self.batch_size), maxlen=0)
+        # Shards found damaged while skipping were reported with the earlier batches, by the run that trained them.
+        damaged.take()
         for _ in range(quota - done):
-            yield self._batch(stream)
+            batch = self._batch(stream)
+            batch.skipped_shards = damaged.take()
+            yield batch
 
 
 class _Loader:
@@ -291,7 +326,9 @@ def make_train_loader(
     ``start_batch = n`` skips batches ``< n`` without decoding their samples, and the rest are bit-identical
     to those of an uninterrupted run. The same (urls, seed, epoch, rank, world_size, num_workers, batch_size,
     shuffle_buffer) always gives the same batches. Corrupt samples are dropped and reported in
-    ``TrainBatch.skipped``; their slots are refilled with extra views of the batch's other samples.
+    ``TrainBatch.skipped``; their slots are refilled with extra views of the batch's other samples. A shard found
+    damaged while streaming is read no further (the samples before the damage are used) and named in
+    ``TrainBatch.skipped_shards`` once per epoch by each worker that meets it; a missing shard raises.
 
     The returned object supports ``len()`` and can be iterated again (each time from ``start_batch``).
     """

@@ -19,7 +19,7 @@ from dino_scale.data.augment import normalize
 from dino_scale.data.items import ImageItem, list_shard_items
 from dino_scale.data.loaders import iterate_crops
 from dino_scale.data.shards import expand_shards
-from dino_scale.errors import NotFound, ParityError
+from dino_scale.errors import InputError, NotFound, ParityError
 from dino_scale.export.graph import InferenceModel, example_input
 from dino_scale.export.runtimes import Runner
 
@@ -114,7 +114,10 @@ def real_images(shards: str | Path, image_size: int, count: int, as_uint8: bool)
         return None
     items: list[ImageItem] = []
     for url in urls:  # one shard at a time: a long pattern is not listed in full for 8 images
-        items += list_shard_items(url)[: count - len(items)]
+        try:
+            items += list_shard_items(url)[: count - len(items)]
+        except InputError:  # nothing readable in this shard (already warned, naming it): try the next one
+            continue
         if len(items) == count:
             break
     for batch in iterate_crops(items, image_size, batch_size=count, workers=0, progress=False):

@@ -22,7 +22,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from dino_scale import run_dir as layout
-from dino_scale.errors import InputError, NotFound
+from dino_scale.errors import ConfigError, InputError, NotFound
 from dino_scale.io import file_sha256, is_safetensors_file, load_safetensors, load_torch, safetensors_metadata
 from dino_scale.models.backbones import create_backbone, is_vit_arch, patch_size_of
 
@@ -327,6 +327,9 @@ def build_backbone(
         kwargs.update(img_size=image_size, dynamic_img_size=False)
     try:
         backbone = create_backbone(arch, **kwargs)
+    except ConfigError as error:  # the kwargs at fault, already named
+        error.argument = "timm_kwargs"
+        raise
     except (TypeError, ValueError) as error:
         raise InputError(f"{arch} with timm kwargs {json.dumps(kwargs)}: {error}", argument="arch") from None
     patch = patch_size_of(backbone)

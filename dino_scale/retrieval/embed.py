@@ -34,8 +34,8 @@ from dino_scale.export.graph import InferenceModel
 from dino_scale.export.runtimes import AotiRunner, OnnxRuntimeRunner, Runner, TorchRunner, onnxruntime_providers
 from dino_scale.export.sidecar import load_sidecar
 from dino_scale.export.tensorrt import TensorRTRunner
-from dino_scale.io import atomic_write
 from dino_scale.models.weights import build_backbone, load_source
+from dino_scale.retrieval.vector_index import faiss_reason, write_faiss
 
 log = logging.getLogger(__name__)
 
@@ -217,10 +217,13 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
 
 
 class Whitening:
-    """PCA whitening ``x ↦ Λ^{-1/2} Uᵀ (x − μ)`` (optionally to fewer dimensions), learned with faiss's PCAMatrix."""
+    """PCA whitening ``x ↦ Λ^{-1/2} Uᵀ (x − μ)`` (optionally to fewer dimensions), learned with faiss's PCAMatrix.
 
-    def __init__(self, transform: Any) -> None:
+    ``path``: the file it was read from, if any (named in errors)."""
+
+    def __init__(self, transform: Any, path: str | Path | None = None) -> None:
         self.transform = transform
+        self.path = Path(path) if path is not None else None
 
     @classmethod
     def learn(cls, descriptors: np.ndarray, out_dim: int | None = None) -> Whitening:
@@ -246,17 +249,49 @@ class Whitening:
         return int(self.transform.d_out)
 
     def __call__(self, descriptors: np.ndarray) -> np.ndarray:
+        if descriptors.ndim != 2 or descriptors.shape[1] != self.in_dim:
+            # faiss would stop on a bare `assert d == self.d_in`.
+            raise InputError(
+                f"{self.path or 'the whitening'} whitens {self.in_dim}-dimensional descriptors (expects shape "
+                f"[n, {self.in_dim}]), but the model gives shape {list(descriptors.shape)}"
+            )
         return self.transform.apply(np.ascontiguousarray(descriptors, dtype=np.float32))
 
-    def save(self, path: str | Path) -> None:
-        atomic_write(path, lambda tmp: faiss.write_VectorTransform(self.transform, str(tmp)))
+    def save(self, path: str | Path) -> str:
+        """Write the whitening atomically (a full disk: WriteFailed, nothing left behind); returns its sha256."""
+        needed = 4 * self.in_dim * (self.out_dim + 2)  # the matrix, the mean, the bias (float32)
+        return write_faiss(path, lambda writer: faiss.write_VectorTransform(self.transform, writer), needed=needed)
 
     @classmethod
-    def load(cls, path: str | Path) -> Whitening:
+    def load(cls, path: str | Path, in_dim: int | None = None, out_dim: int | None = None) -> Whitening:
+        """Read a whitening written by :meth:`save`, checked: a trained PCA (``in_dim`` -> ``out_dim`` where given)
+        with finite coefficients. Anything else is an InputError naming ``path``; nothing is unpickled (faiss reads
+        its own format only)."""
+        path = Path(path)
+        if not path.is_file():
+            raise NotFound(f"whitening file not found: {path}")
         try:
-            return cls(faiss.read_VectorTransform(str(path)))
-        except RuntimeError as error:
-            raise InputError(f"{path} is not a readable whitening transform: {error}") from None
+            transform = faiss.read_VectorTransform(str(path))
+        except (RuntimeError, MemoryError) as error:
+            raise InputError(f"{path} is not a readable whitening transform: {faiss_reason(error)}") from None
+        if not isinstance(transform, faiss.PCAMatrix):
+            raise InputError(f"{path} holds a faiss {type(transform).__name__}, not a PCA whitening (PCAMatrix)")
+        found_in, found_out = int(transform.d_in), int(transform.d_out)
+        expected = (in_dim or found_in, out_dim or found_out)
+        if (found_in, found_out) != expected:
+            raise InputError(
+                f"{path} whitens {found_in} -> {found_out} dimensions (matrix shape [{found_out}, {found_in}]); "
+                f"expected {expected[0]} -> {expected[1]} (shape [{expected[1]}, {expected[0]}])"
+            )
+        matrix, bias = faiss.vector_to_array(transform.A), faiss.vector_to_array(transform.b)
+        if not transform.is_trained or matrix.size != found_in * found_out or bias.size not in (0, found_out):
+            raise InputError(
+                f"{path} is not a complete whitening: {matrix.size} matrix coefficients for "
+                f"{found_out} x {found_in}, {bias.size} bias terms"
+            )
+        if not (np.isfinite(matrix).all() and np.isfinite(bias).all()):
+            raise InputError(f"{path} has NaN or infinite coefficients")
+        return cls(transform, path)
 
 
 def finish_descriptors(raw: np.ndarray, whitening: Whitening | None) -> np.ndarray:

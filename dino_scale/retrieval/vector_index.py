@@ -19,7 +19,10 @@ description))`` re-applies a recorded configuration to any index of the same typ
 
 from __future__ import annotations
 
+import hashlib
 import math
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -267,15 +270,53 @@ def search_params_of(description: dict[str, Any]) -> dict[str, int]:
     return {name: int(description[name]) for name in SEARCH_PARAMS if name in description}
 
 
-def save_index(index: faiss.Index, path: str | Path) -> None:
+def write_faiss(path: str | Path, write: Callable[[Any], None], needed: int | None = None) -> str:
+    """Atomically write a faiss object to ``path`` (dino_scale.io.atomic_write); returns the sha256 of its bytes.
+
+    ``write(writer)`` serialises into a faiss IOWriter, e.g. ``lambda w: faiss.write_index(index, w)``. The bytes go
+    through a Python file object rather than faiss's own FILE* writer, which reports a full disk late (at fclose, as
+    an error raised by some later, unrelated faiss call) or not at all, leaving a truncated file behind: here a
+    failed write raises the OSError itself, which atomic_write turns into a WriteFailed naming ``path`` after
+    removing the temporary file. ``needed``: the size expected, for that message.
+    """
+    digest = hashlib.sha256()
+
+    def to_file(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+
+            def put(chunk: bytes) -> int:
+                f.write(chunk)
+                digest.update(chunk)
+                return len(chunk)
+
+            write(faiss.PyCallbackIOWriter(put))
+
+    atomic_write(path, to_file, needed=needed)
+    return digest.hexdigest()
+
+
+def save_index(index: faiss.Index, path: str | Path) -> str:
     """Write ``index`` to ``path`` atomically: a crash or error mid-write leaves any previous file at ``path`` intact.
+    Returns the sha256 of the file written.
 
     The index is written to a temporary file in the same directory (so that the final rename cannot cross file
     systems), fsynced, then moved over ``path`` with ``os.replace``; the directory is fsynced so the rename itself
     survives a power loss. The file gets the usual umask-derived permissions, unlike ``tempfile.mkstemp``'s 0600,
-    because indexes are read by other processes and users (serving, dedup jobs).
+    because indexes are read by other processes and users (serving, dedup jobs). A failed write (a full disk) raises
+    dino_scale.errors.WriteFailed naming ``path``; no temporary file is left.
     """
-    atomic_write(path, lambda tmp: faiss.write_index(index, str(tmp)))
+    needed = int(index.ntotal) * int(index.d) * 4
+    return write_faiss(path, lambda writer: faiss.write_index(index, writer), needed=needed)
+
+
+def faiss_reason(error: BaseException) -> str:
+    """The gist of a faiss exception, on one line: its C++ location and the file name faiss repeats dropped."""
+    lines = str(error).strip().splitlines()
+    text = lines[-1] if lines else type(error).__name__
+    if "read error in" in text:  # "Error: 'ret == (1)' failed: read error in F: 0 != 1 (<a stale errno>)"
+        return "the file ends too early (truncated or empty)"
+    text = re.sub(r"^Error in .*? at \S+:\d+: ", "", text)
+    return re.sub(r" in \S+$", "", text) or type(error).__name__
 
 
 def load_index(path: str | Path) -> faiss.Index:
@@ -288,8 +329,8 @@ def load_index(path: str | Path) -> faiss.Index:
         raise NotFound(f"faiss index not found: {path}")
     try:
         index = faiss.read_index(str(path))
-    except RuntimeError as error:
-        raise InputError(f"{path} is not a readable faiss index: {str(error).strip().splitlines()[-1]}") from error
+    except (RuntimeError, MemoryError) as error:  # a crafted header can ask for any amount of memory
+        raise InputError(f"{path} is not a readable faiss index: {faiss_reason(error)}") from None
     try:
         _unwrap(index)
     except ValueError as error:

@@ -1,24 +1,61 @@
-"""Writing training checkpoints: one file (local, ddp) or a folder committed by rename (deepspeed, fsdp).
+"""Writing training checkpoints, and finding the newest one that can be trusted again.
 
-Every file goes through the atomic writers of dino_scale.io; ``latest.json`` moves only after the checkpoint it
-names is complete, so a run killed mid-save resumes from the previous one. The layout is dino_scale.run_dir's.
+A checkpoint is one file (local, ddp) or a folder committed by rename (deepspeed, fsdp); the layout is
+dino_scale.run_dir's. Every file goes through the atomic writers of dino_scale.io, or is fsynced before the folder
+is renamed into place.
+
+Manifest: the last thing written for a checkpoint, before ``latest.json`` moves to it, is its manifest
+(``step_N.pt.manifest.json`` beside a file, ``manifest.json`` inside a folder)::
+
+    {"format": "dino-scale checkpoint manifest", "version": 1, "step": N,
+     "files": {"<name relative to the folder, or the file's own name>": {"bytes": 123, "sha256": "..."}, ...}}
+
+The sizes and hashes are read back from the files on disk after they were fsynced. Resuming (`resume_newest`)
+checks a checkpoint against its manifest before anything of it is loaded: every listed file present with its size
+and sha256, no unlisted file in a folder, no name leading out of it. A checkpoint that fails (damaged, truncated,
+a file missing or added), or that its backend then cannot read (a foreign structure), is reported by path and the
+next older one is tried; all ranks decide together. Checkpoints written before manifests existed load unverified
+(with a warning; the zip CRCs of their torch files are still checked).
+
+Write failures (a full disk, a read-only folder) end in one WriteFailed line; what the failed save wrote is
+removed, so the previous checkpoint and latest.json stay as they were. Rotation (`keep_last`) never deletes the
+checkpoint just written, and counts only intact checkpoints, so damaged ones never crowd out a good one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import operator
 import os
+import re
 import shutil
+import zipfile
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from dino_scale import run_dir as layout
-from dino_scale.errors import InputError
-from dino_scale.io import TMP_SUFFIX, atomic_torch_save, atomic_write_json, fsync_dir
+from dino_scale.errors import CheckpointError, ConfigError, IncompatibleCheckpoint, InputError, WriteFailed
+from dino_scale.io import TMP_SUFFIX, atomic_torch_save, atomic_write_json, fsync_dir, write_failure
+
+log = logging.getLogger("dino_scale")
+
+MANIFEST_FORMAT = "dino-scale checkpoint manifest"
+MANIFEST_VERSION = 1
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# A reason quoted in a warning or in the final error is cut here, so that the error stays one readable line.
+_REASON_CHARS = 400
+_LISTED = 5  # checkpoints named in the final error (each one also had its warning)
+
+T = TypeVar("T")
+
 
 _SCALAR_TYPES = (
     bool,
@@ -62,56 +99,408 @@ def _check_weights_only_loadable(obj: Any, where: str) -> None:
     )
 
 
+# --- manifests -------------------------------------------------------------------------------------------------
+
+
+def checkpoint_files(folder: Path) -> list[str]:
+    """The files of a folder checkpoint (what its manifest lists): every file under it but the manifest, as sorted
+    paths relative to the folder."""
+    return sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if (p.is_file() or p.is_symlink()) and p.relative_to(folder).as_posix() != layout.MANIFEST_FILE
+    )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def digest_files(root: Path, names: list[str], fsync: bool = False) -> dict[str, dict[str, Any]]:
+    """{name: {"bytes", "sha256"}} of files under ``root``, read back from the disk (``fsync``: flush each first)."""
+    entries = {}
+    for name in names:
+        path = root / name
+        if fsync:
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        entries[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return entries
+
+
+def write_manifest(path: Path, step: int, entries: dict[str, dict[str, Any]]) -> None:
+    """Write a manifest (atomically) at ``path`` (see the module docstring)."""
+    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "step": step, "files": entries}
+    atomic_write_json(path, manifest, indent=1, sort_keys=True)
+
+
+def _root_and_expected(checkpoint: Path) -> tuple[Path, list[str] | None]:
+    """Where a checkpoint's manifest names are relative to, and the names it must list (None: a folder's files)."""
+    if checkpoint.name.endswith(".pt"):
+        return checkpoint.parent, [checkpoint.name]
+    return checkpoint, None
+
+
+def _safe_name(root: Path, name: Any) -> bool:
+    """A relative name that stays inside ``root`` (no absolute path, no `..`, no link leading out)."""
+    if not isinstance(name, str) or not name or name.startswith("/") or "\\" in name or "\x00" in name:
+        return False
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        return False
+    try:
+        (root / name).resolve().relative_to(root.resolve())
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def read_manifest(checkpoint: Path) -> tuple[dict[str, dict[str, Any]] | None, str | None]:
+    """(the manifest's file entries, None), (None, None) when the checkpoint has no manifest (written before
+    manifests existed), or (None, what is wrong with it)."""
+    path = layout.manifest_path(checkpoint)
+    if not path.exists():
+        return None, None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        return None, f"its manifest {path} cannot be read ({one_line(error)})"
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        return None, f"{path} is not a dino-scale checkpoint manifest"
+    version = manifest.get("version")
+    if not isinstance(version, int) or version > MANIFEST_VERSION:
+        return None, f"{path} has manifest version {version!r}; this dino-scale reads version {MANIFEST_VERSION}"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return None, f"{path} lists no files"
+    root, _ = _root_and_expected(checkpoint)
+    for name, entry in files.items():
+        if not _safe_name(root, name):
+            return None, f"{path} names {name!r}, a path outside {root}"
+        ok = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("bytes"), int)
+            and not isinstance(entry.get("bytes"), bool)
+            and isinstance(entry.get("sha256"), str)
+            and _SHA256_RE.match(entry["sha256"])
+        )
+        if not ok:
+            return None, f"{path} has a malformed entry for {name!r}"
+    return files, None
+
+
+def check_files(checkpoint: Path, entries: dict[str, dict[str, Any]]) -> str | None:
+    """What is wrong with a checkpoint's files by its manifest's names and sizes (cheap: no reading), or None."""
+    manifest = layout.manifest_path(checkpoint)
+    root, expected = _root_and_expected(checkpoint)
+    listed = set(entries)
+    if expected is not None:
+        if set(expected) != listed:
+            return f"{manifest} does not list {checkpoint.name} (it lists {sorted(listed)[:3]})"
+    else:
+        unlisted = sorted(set(checkpoint_files(checkpoint)) - listed)
+        if unlisted:
+            return f"{checkpoint / unlisted[0]} is not in its manifest"
+    for name in sorted(listed):
+        path = root / name
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != entries[name]["bytes"]:
+            return f"{path} has {size} bytes, its manifest says {entries[name]['bytes']} (truncated or overwritten)"
+    return None
+
+
+def check_hashes(checkpoint: Path, entries: dict[str, dict[str, Any]], names: list[str]) -> str | None:
+    """The first of ``names`` whose sha256 differs from the manifest's, as a reason, or None."""
+    root, _ = _root_and_expected(checkpoint)
+    for name in names:
+        path = root / name
+        try:
+            actual = _sha256(path)
+        except OSError as error:
+            return f"{path} cannot be read ({one_line(error)})"
+        if actual != entries[name]["sha256"]:
+            return f"{path} does not match the sha256 in its manifest (damaged)"
+    return None
+
+
+def _check_zip_crcs(checkpoint: Path, names: list[str]) -> str | None:
+    """For checkpoints without a manifest: the CRC32 of every member of the torch (zip) files among ``names``."""
+    root, _ = _root_and_expected(checkpoint)
+    for name in names:
+        path = root / name
+        if not zipfile.is_zipfile(path):
+            continue
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (OSError, zipfile.BadZipFile, EOFError, ValueError) as error:
+            return f"{path} is not a readable torch file ({one_line(error)})"
+        if bad is not None:
+            return f"{path}: its member {bad} fails its CRC check (damaged)"
+    return None
+
+
+def quick_problem(checkpoint: Path) -> str | None:
+    """What is visibly wrong with a checkpoint without reading its data (manifest, names, sizes), or None. A
+    checkpoint without a manifest passes (it predates them)."""
+    entries, problem = read_manifest(checkpoint)
+    if problem is not None or entries is None:
+        return problem
+    return check_files(checkpoint, entries)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    problem: str | None  # None: the checkpoint may be loaded
+    verified: bool  # False: it has no manifest, so nothing could be verified
+
+
+def verify(checkpoint: Path, rank: int = 0, world_size: int = 1) -> Verdict:
+    """Check a checkpoint against its manifest before loading it. With several processes each hashes its share of
+    the files (rank ``rank`` of ``world_size``); the caller combines their verdicts."""
+    if not checkpoint.exists():
+        return Verdict(f"{checkpoint} is missing", False)
+    entries, problem = read_manifest(checkpoint)
+    if problem is not None:
+        return Verdict(problem, True)
+    if entries is None:
+        root, expected = _root_and_expected(checkpoint)
+        names = expected if expected is not None else checkpoint_files(checkpoint)
+        if expected is None and not names:
+            return Verdict(f"{checkpoint} is an empty folder", False)
+        return Verdict(_check_zip_crcs(checkpoint, names[rank::world_size]), False)
+    problem = check_files(checkpoint, entries)
+    if problem is None:
+        problem = check_hashes(checkpoint, entries, sorted(entries)[rank::world_size])
+    return Verdict(problem, True)
+
+
+# --- resuming ------------------------------------------------------------------------------------------------------
+
+
+def one_line(error: BaseException | str) -> str:
+    """An error as one short line: DCP's CheckpointException (a BaseException whose text is a traceback per rank)
+    becomes the first rank's exception; whitespace collapses; very long messages are cut."""
+    if isinstance(error, BaseException):
+        failures = getattr(error, "failures", None)
+        if isinstance(failures, dict) and failures:
+            rank, (inner, _) = sorted(failures.items(), key=lambda item: item[0])[0]
+            text = f"rank {rank}: {one_line(inner)}"
+        elif isinstance(error, (CheckpointError, InputError, WriteFailed)):
+            text = str(error)
+        else:
+            text = f"{type(error).__name__}: {error}"
+    else:
+        text = error
+    text = " ".join(text.split())
+    return text if len(text) <= _REASON_CHARS else text[: _REASON_CHARS - 3] + "..."
+
+
+def _dcp_exception() -> type[BaseException]:
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException
+
+
+def resume_newest(
+    run_dir: str | Path,
+    load: Callable[[Path], T],
+    gather: Callable[[Any], list[Any]] = lambda obj: [obj],
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[Path, T] | None:
+    """Load the newest usable checkpoint of a run with ``load(path)``; returns (its path, what load returned), or
+    None when the run has no checkpoint.
+
+    Candidates come newest first (run_dir.resume_candidates). Each is verified against its manifest (every rank
+    hashes a share of the files) before ``load`` touches the model; one that fails, or that ``load`` cannot read,
+    is reported with a warning naming it and why, and the next older one is tried. Every rank calls this with the
+    same arguments; ``gather`` (all-gather of a small object) makes them decide the same. When none is usable: a
+    one-line CheckpointError listing what was tried. ConfigError (this run's recipe cannot continue the run, e.g.
+    another global batch) and IncompatibleCheckpoint stop at once: an older checkpoint would not do either.
+    """
+    candidates = layout.resume_candidates(run_dir)
+    if not candidates:
+        return None
+    checkpoint_exception = _dcp_exception()
+    tried: list[str] = []
+    for path in candidates:
+        verdict = verify(path, rank, world_size)
+        problems = [p for p in gather(verdict.problem) if p is not None]
+        if problems:
+            reason = problems[0]
+        else:
+            if not verdict.verified:
+                log.warning(
+                    "checkpoint %s has no manifest (written before dino-scale recorded checksums): its contents "
+                    "cannot be verified",
+                    path,
+                )
+            error: str | None = None
+            try:
+                result = load(path)
+            except (ConfigError, IncompatibleCheckpoint):
+                raise
+            except (Exception, checkpoint_exception) as caught:  # DCP's CheckpointException is a BaseException
+                error = one_line(caught)
+            errors = [e for e in gather(error) if e is not None]
+            if not errors:
+                return path, result
+            reason = errors[0]
+        reason = one_line(reason)
+        log.warning("checkpoint %s is unusable: %s; trying the previous one", path, reason)
+        tried.append(f"{path.name} ({reason.replace(f'{path.parent}{os.sep}', '')})")  # names relative to the folder
+    listed = "; ".join(tried[:_LISTED])
+    if len(tried) > _LISTED:
+        listed += f"; and {len(tried) - _LISTED} older one(s) (see the warnings above)"
+    raise CheckpointError(
+        f"no usable checkpoint in {layout.checkpoint_dir(run_dir)}: tried {listed}. Repair or remove them, or start "
+        "the run again without --resume",
+        argument="resume",
+    )
+
+
+def check_trainer_state(state: Any, teacher: nn.Module, center: torch.Tensor, source: Path) -> None:
+    """Refuse (CheckpointError naming ``source``) a trainer state that is not ours or does not fit this run's
+    teacher and center, before any of it is loaded."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{source} holds a {type(state).__name__}, not a dino-scale training checkpoint")
+    missing = [key for key in ("teacher", "center", "step", "data_position", "rng") if key not in state]
+    if missing:
+        raise CheckpointError(f"{source} is not a dino-scale training checkpoint (it has no {missing[0]!r})")
+    saved, expected = state["teacher"], teacher.state_dict()
+    if not isinstance(saved, dict) or set(saved) != set(expected):
+        keys = sorted(set(expected) - set(saved)) if isinstance(saved, dict) else []
+        raise CheckpointError(f"{source}: its teacher does not match this model (missing {keys[:3]})")
+    for name, tensor in expected.items():
+        value = saved[name]
+        if not isinstance(value, torch.Tensor) or value.shape != tensor.shape:
+            raise CheckpointError(f"{source}: its teacher's {name} does not have this model's shape")
+    if not isinstance(state["center"], torch.Tensor) or state["center"].shape != center.shape:
+        raise CheckpointError(f"{source}: its loss center does not fit this model's output dimension")
+    step = state["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0 or not isinstance(state["data_position"], dict):
+        raise CheckpointError(f"{source}: its step or data position is malformed")
+
+
+# --- writing ---------------------------------------------------------------------------------------------------
+
+
 def _remove(path: Path) -> None:
-    if path.is_dir():
+    if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
 
 
+def _remove_checkpoint(path: Path) -> None:
+    _remove(path)
+    if path.name.endswith(".pt"):
+        layout.manifest_path(path).unlink(missing_ok=True)
+
+
 def _prune(ckpt_dir: Path, keep: Path, keep_last: int) -> None:
-    """Delete all but the ``keep_last`` newest checkpoints (never ``keep``), and debris of interrupted saves."""
+    """Keep ``keep`` (just written) and the ``keep_last - 1`` newest other checkpoints that look intact (manifest,
+    names and sizes; checkpoints older than manifests count as intact), those of the current timeline (below
+    ``keep``) first; delete the rest, damaged ones included, and the debris of interrupted saves. Nothing is
+    deleted when ``keep`` itself does not look intact."""
     if keep_last > 0:
+        problem = quick_problem(keep)
+        if problem is not None:
+            log.warning("not rotating checkpoints: the one just written does not look intact (%s)", problem)
+            return
         others = [p for _, p in layout.step_checkpoints(ckpt_dir) if p != keep]
-        for stale in others[: max(0, len(others) - (keep_last - 1))]:
-            _remove(stale)
-    # Temp files and staging folders left behind by a hard kill (SIGKILL, power loss) would otherwise pile up.
+        intact = [p for p in others if quick_problem(p) is None]
+        # Checkpoints above the new one (a timeline abandoned by resuming from an older step) go first.
+        step = layout.step_of(keep)
+        intact.sort(key=lambda p: (layout.step_of(p) < step, layout.step_of(p)))
+        kept = set(intact[len(intact) - (keep_last - 1) :]) if keep_last > 1 else set()
+        for stale in others:
+            if stale not in kept:
+                _remove_checkpoint(stale)
+    for manifest in ckpt_dir.glob(f"step_*.pt{layout.MANIFEST_SUFFIX}"):
+        if not (ckpt_dir / manifest.name[: -len(layout.MANIFEST_SUFFIX)]).exists():
+            manifest.unlink(missing_ok=True)
+    remove_debris(ckpt_dir)
+
+
+def remove_debris(ckpt_dir: Path) -> None:
+    """Temp files and staging folders left behind by a hard kill (SIGKILL, power loss) or a failed save."""
     for leftover in ckpt_dir.glob(f".step_*{TMP_SUFFIX}"):
         leftover.unlink(missing_ok=True)
     for leftover in ckpt_dir.glob(f".{layout.LATEST_FILE}.*{TMP_SUFFIX}"):
         leftover.unlink(missing_ok=True)
-
-
-def commit_checkpoint_dir(staging: Path, final: Path, keep_last: int = 3) -> Path:
-    """Move a fully written staging folder to its final name, then point ``latest.json`` at it.
-
-    The rename is atomic, so a folder under a ``step_N`` name is always complete; ``latest.json`` moves only after
-    it. Call from one process, after every writer has finished (a barrier).
-    """
-    if final.exists():  # re-saving the same step (e.g. after resuming exactly there): replace it
-        _remove(final)
-    for written in staging.rglob("*"):
-        if written.is_file():
-            with open(written, "rb") as f:
-                os.fsync(f.fileno())
-    os.replace(staging, final)
-    fsync_dir(final.parent)
-    atomic_write_json(final.parent / layout.LATEST_FILE, {"step": int(final.name[5:]), "file": final.name}, indent=None)
-    _prune(final.parent, final, keep_last)
-    for leftover in final.parent.glob(f".step_*{layout.STAGING_SUFFIX}"):
+    for leftover in ckpt_dir.glob(f".step_*{layout.STAGING_SUFFIX}"):
         _remove(leftover)
+
+
+def _point_latest(ckpt_dir: Path, checkpoint: Path) -> None:
+    atomic_write_json(
+        ckpt_dir / layout.LATEST_FILE, {"step": layout.step_of(checkpoint), "file": checkpoint.name}, indent=None
+    )
+
+
+def _as_write_failure(error: BaseException, path: Path, needed: int | None = None) -> BaseException:
+    if isinstance(error, OSError) and not isinstance(error, WriteFailed):
+        return write_failure(path, error, needed)
+    return error
+
+
+def commit_checkpoint_dir(
+    staging: Path, final: Path, keep_last: int = 3, digests: dict[str, dict[str, Any]] | None = None
+) -> Path:
+    """Write the manifest of a fully written staging folder, move it to its final name, point ``latest.json`` at it.
+
+    ``digests``: the files' sizes and hashes when the ranks computed them (default: computed here). The rename is
+    atomic, so a folder under a ``step_N`` name is always complete; ``latest.json`` moves only after it. On any
+    failure what this save wrote is removed and the previous checkpoint stays the latest (an OSError becomes a
+    one-line WriteFailed). Call from one process, after every writer has finished (a barrier).
+    """
+    ckpt_dir = final.parent
+    aside = ckpt_dir / f".{final.name}.replaced{layout.STAGING_SUFFIX}"
+    placed = False
+    try:
+        if digests is None:
+            digests = digest_files(staging, checkpoint_files(staging), fsync=True)
+        write_manifest(layout.manifest_path(staging), layout.step_of(final), digests)
+        for folder in (staging, *(p for p in staging.rglob("*") if p.is_dir())):
+            fsync_dir(folder)
+        if final.exists():  # re-saving the same step (e.g. after falling back from a damaged one): replace it
+            os.replace(final, aside)
+        os.replace(staging, final)
+        placed = True
+        fsync_dir(ckpt_dir)
+        _point_latest(ckpt_dir, final)
+    except BaseException as error:
+        if placed:
+            _remove(final)
+        if aside.exists() and not final.exists():
+            os.replace(aside, final)
+        _remove(staging)
+        converted = _as_write_failure(error, final)
+        if converted is error:
+            raise
+        raise converted from error
+    _remove(aside)
+    _prune(ckpt_dir, final, keep_last)
     return final
 
 
 def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep_last: int = 3) -> Path:
-    """Write ``run_dir/checkpoints/step_{step:08d}.pt`` and point ``latest.json`` at it, both atomically.
+    """Write ``run_dir/checkpoints/step_{step:08d}.pt``, its manifest, and point ``latest.json`` at it, all atomically.
 
     ``state`` must only hold things ``torch.load(weights_only=True)`` accepts (tensors, state dicts, numbers,
     strings, bools, None, lists, dicts); this is checked before anything is written.
 
-    Afterwards, all but the ``keep_last`` newest step files are deleted (``keep_last <= 0`` keeps all). The
-    file just written and the one ``latest.json`` names are never deleted. Single writer per run dir assumed
-    (call this from rank 0 only).
+    Afterwards, all but the ``keep_last`` newest intact step files are deleted (``keep_last <= 0`` keeps all); the
+    file just written is never deleted. On a failure (WriteFailed for a full disk or a read-only folder) nothing of
+    this save is left and latest.json still names the previous checkpoint. Single writer per run dir assumed (call
+    this from rank 0 only).
 
     Returns the path of the new checkpoint file.
     """
@@ -123,9 +512,20 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep_
     _check_weights_only_loadable(state, "state")
 
     path = layout.checkpoint_path(run_dir, step, folder=False)
-    atomic_torch_save(state, path)
-    # The step file is complete and durable before latest.json moves, so latest.json never names a torn file.
-    atomic_write_json(path.parent / layout.LATEST_FILE, {"step": step, "file": path.name}, indent=None)
-
+    manifest = layout.manifest_path(path)
+    placed = False
+    try:
+        atomic_torch_save(state, path)
+        placed = True
+        write_manifest(manifest, step, digest_files(path.parent, [path.name]))
+        # The step file and its manifest are complete and durable before latest.json moves.
+        _point_latest(path.parent, path)
+    except BaseException as error:
+        if placed:
+            _remove_checkpoint(path)
+        converted = _as_write_failure(error, path)
+        if converted is error:
+            raise
+        raise converted from error
     _prune(path.parent, path, keep_last)
     return path

@@ -26,7 +26,36 @@ def train_command(
     from dino_scale.train.loop import train
 
     all_overrides = list(overrides) + ([f"output_dir={json.dumps(output_dir)}"] if output_dir else [])
-    train(load_config(config_path, all_overrides), resume=resume)
+    cfg = load_config(config_path, all_overrides)
+    try:
+        train(cfg, resume=resume)
+    except RuntimeError as error:
+        if not lost_a_peer(error):
+            raise
+        from dino_scale import run_dir as layout
+        from dino_scale.errors import PeerLost
+
+        latest = layout.find_latest_checkpoint(cfg.resolved_output_dir())
+        where = f"the last checkpoint is {latest}; resume with --resume" if latest else "no checkpoint was written yet"
+        raise PeerLost(
+            f"another process of this job stopped (see its log): {str(error).splitlines()[0][:200]}; {where}"
+        ) from None
+
+
+# What gloo and NCCL say when the process at the other end of a collective is gone.
+_PEER_LOST = (
+    "closed by peer",
+    "reset by peer",
+    "broken pipe",
+    "nccl communicator was aborted",
+    "remote process exited",
+)
+
+
+def lost_a_peer(error: BaseException) -> bool:
+    """Whether a collective failed because another process of the job died (not a bug of this one)."""
+    text = str(error).lower()
+    return any(sign in text for sign in _PEER_LOST)
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from dino_scale import run_dir as layout
 from dino_scale.config import TrainConfig
 from dino_scale.data.augment import MultiCropAugmentation
 from dino_scale.data.loaders import TrainBatch, make_train_loader, stable_seed
-from dino_scale.data.shards import count_samples, expand_shards
+from dino_scale.data.shards import expand_shards, survey_shards
 from dino_scale.errors import ConfigError, blame
 from dino_scale.io import atomic_write_json, save_safetensors
 from dino_scale.models.dino import build_student_teacher
@@ -32,6 +32,7 @@ from dino_scale.train.ema import teacher_digest, update_teacher
 from dino_scale.train.evaluation import knn_vs_random_init
 from dino_scale.train.loss import DINOLoss
 from dino_scale.train.metrics import NonFiniteWatch, StepMetrics, setup_logging
+from dino_scale.train.monitor import CollapseMonitor
 from dino_scale.train.schedules import build_schedules
 from dino_scale.train.state import DataPlan, TrainState
 
@@ -61,13 +62,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         run_dir / layout.METRICS_FILE, backend, schedules, plan.global_batch, last_step, state.step, cfg.log_every
     )
     non_finite = NonFiniteWatch()
+    collapse = CollapseMonitor(cfg.monitor, cfg.model.out_dim)
     accumulation = backend.batch.accumulation_steps
 
     while state.step < last_step:
         epoch = state.epoch
         batches = epoch_batches(cfg, plan, backend, augmentation, state)
         for micro_batch, batch in enumerate(batches, start=state.first_micro_batch):
-            state.count_skipped(batch.skipped)
+            state.count_skipped(batch.skipped, batch.skipped_shards)
             views = augmentation.to_model_input(batch.views, backend.device)
             last_micro_batch = (micro_batch + 1) % accumulation == 0
             with backend.forward_context(sync_gradients=last_micro_batch):
@@ -83,17 +85,23 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
                 continue
 
             step = state.step
-            grad_norm = backend.optimizer_step(
+            result = backend.optimizer_step(  # updates nothing when this step went non-finite on any rank
                 float(schedules.lr[step]),
                 float(schedules.weight_decay[step]),
                 freeze_last_layer=step / plan.steps_per_epoch < cfg.optim.freeze_last_layer,
+                flags=non_finite.take(),
             )
-            backend.raise_if_non_finite(step, non_finite.take(gradient_norm=grad_norm))
-            loss_fn.update_center()
-            update_teacher(teacher, backend.student_weight_groups(), float(schedules.momentum[step]))
-            state.finish_step()
-            metrics.step_done(state.step, epoch, stats, grad_norm, state.skipped_samples)
-            if state.step % cfg.checkpoint_every == 0 or state.step == last_step:
+            if result.applied:
+                loss_fn.update_center()
+                update_teacher(teacher, backend.student_weight_groups(), float(schedules.momentum[step]))
+            else:
+                loss_fn.discard_pending()
+            state.finish_step(result)  # stops on a non-finite step unless the skip budget allows it
+            record = metrics.step_done(state.step, epoch, stats, result.grad_norm, state.counts(), state.skipped_steps)
+            if record is not None:
+                state.check_skipped_fraction(record)
+                collapse.observe(record)
+            if state.checkpoint_due(last_step):
                 state.save(run_dir)
             if state.step >= last_step:
                 break
@@ -103,11 +111,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     return record
 
 
+# The schedules hold one value per optimizer step (four float64 arrays, as official DINO's): 10^7 steps is 320 MB and
+# ten times the official ViT-S/16 800-epoch run; more means a recipe or shards.json error, caught before allocating.
+MAX_TOTAL_STEPS = 10**7
+
+
 def plan_data(cfg: TrainConfig, backend: Backend) -> DataPlan:
-    """The training shards and the epoch length in optimizer steps (from shards.json, or counted)."""
+    """The usable training shards (damaged ones left out, with a warning each) and the epoch length in optimizer
+    steps (from data.samples_per_epoch, or the shards' counts)."""
     with blame("data.train_shards"):
-        urls = expand_shards(cfg.data.train_shards)
-        samples = cfg.data.samples_per_epoch or count_samples(urls)
+        survey = survey_shards(expand_shards(cfg.data.train_shards))
+    samples = cfg.data.samples_per_epoch or survey.samples
     batch = backend.batch
     steps = samples // batch.global_batch
     if steps == 0:
@@ -116,7 +130,14 @@ def plan_data(cfg: TrainConfig, backend: Backend) -> DataPlan:
             f"batch of {batch.global_batch} (micro batch {batch.micro_batch} x accumulation "
             f"{batch.accumulation_steps} x {backend.world_size} processes)"
         )
-    return DataPlan(urls, samples, batch.global_batch, steps)
+    if steps * cfg.epochs > MAX_TOTAL_STEPS:
+        source = "data.samples_per_epoch" if cfg.data.samples_per_epoch else "the shards (shards.json or a scan)"
+        raise ConfigError(
+            f"epochs={cfg.epochs} x {steps} steps per epoch ({samples} samples from {source} / global batch "
+            f"{batch.global_batch}) is {steps * cfg.epochs} optimizer steps, more than {MAX_TOTAL_STEPS}; check "
+            "epochs and the sample count"
+        )
+    return DataPlan(survey.urls, samples, batch.global_batch, steps, skipped_shards=len(survey.skipped))
 
 
 def build_networks(cfg: TrainConfig, backend: Backend) -> tuple[nn.Module, nn.Module]:

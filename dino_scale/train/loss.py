@@ -88,6 +88,10 @@ class DINOLoss(nn.Module):
             self.pending_sums[:, -1] += teacher_output.shape[0]
         return loss, stats
 
+    def discard_pending(self) -> None:
+        """Forget the teacher rows since the last update (their optimizer step was dropped as non-finite)."""
+        self.pending_sums.zero_()
+
     @torch.no_grad()
     def update_center(self) -> None:
         """c <- m c + (1 - m) * (sum of pending teacher rows over all ranks) / (their count over all ranks)."""

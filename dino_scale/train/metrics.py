@@ -65,7 +65,7 @@ class NonFiniteWatch:
     """Device-side flags of the quantities that went NaN / inf during one optimizer step's micro-batches.
 
     `observe` only queues tensor ops (no host synchronisation); `take` hands the flags to the backend, which checks
-    them once per optimizer step (one collective) and raises naming the quantities.
+    them with the gradient norm once per optimizer step, before the update (one collective, one host read).
     """
 
     def __init__(self) -> None:
@@ -76,9 +76,8 @@ class NonFiniteWatch:
             bad = ~torch.isfinite(tensor.detach()).all()
             self._flags[name] = bad if name not in self._flags else self._flags[name] | bad
 
-    def take(self, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
-        """This step's flags plus those of `tensors`, in observation order; the watch starts over."""
-        self.observe(**tensors)
+    def take(self) -> dict[str, torch.Tensor]:
+        """This step's flags, in observation order; the watch starts over."""
         flags, self._flags = self._flags, {}
         return flags
 
@@ -115,16 +114,28 @@ class StepMetrics:
         """Add one micro-batch's loss, weighted 1 / accumulation (device-side)."""
         self._loss_sum += loss.detach().double() / accumulation
 
-    def step_done(self, step: int, epoch: int, stats: LossStats, grad_norm: torch.Tensor, skipped: int) -> None:
-        """After optimizer step `step` (1-based) of `epoch`; writes a record when it is a log step."""
+    def step_done(
+        self,
+        step: int,
+        epoch: int,
+        stats: LossStats,
+        grad_norm: torch.Tensor,
+        rank_counts: dict[str, int],
+        skipped_steps: int,
+    ) -> dict[str, Any] | None:
+        """After optimizer step `step` (1-based) of `epoch`: at a log step, write a record and return it (the same
+        figures on every rank); None otherwise. `rank_counts` (this rank's skip counts) are summed over ranks."""
         self._steps += 1
         if step % self.log_every and step != self.last_step:
-            return
+            return None
         elapsed = time.monotonic() - self._window_start
         window_loss = (self._loss_sum / self._steps).float()
-        loss, entropy, kl = self.backend.mean_over_ranks(
-            torch.stack([window_loss, stats.teacher_entropy, stats.kl]).float()
-        ).tolist()
+        local = [window_loss, stats.teacher_entropy.float(), stats.kl.float()]
+        local += [torch.tensor(float(count), device=window_loss.device) for count in rank_counts.values()]
+        # One small collective: the means of loss / entropy / KL and the sums of the counts over ranks.
+        summed = self.backend.sum_over_ranks(torch.stack(local).double()).tolist()
+        loss, entropy, kl = (value / self.backend.world_size for value in summed[:3])
+        counts = {name: round(value) for name, value in zip(rank_counts, summed[3:], strict=True)}
         images_per_s = self._steps * self.global_batch / max(elapsed, 1e-9)
         peak_memory = self.backend.gather_objects(round(peak_memory_gb(self.backend.device), 3))
         record = {
@@ -143,7 +154,8 @@ class StepMetrics:
             "step_time_s": elapsed / self._steps,
             "peak_memory_gb": max(peak_memory),
             "peak_memory_gb_per_rank": peak_memory,
-            "skipped_samples": skipped,
+            **counts,
+            "skipped_steps": skipped_steps,
         }
         self.writer.write(record)
         summary = {"epoch": epoch, "loss": f"{loss:.4f}", "img/s": f"{images_per_s:.1f}", "H(Pt)": f"{entropy:.3f}"}
@@ -151,6 +163,7 @@ class StepMetrics:
         self.last_record = record
         self._loss_sum.zero_()
         self._steps, self._window_start = 0, time.monotonic()
+        return record
 
     def event(self, step: int, event: str, **fields: Any) -> None:
         """A non-step record (`final`, `final_knn`)."""

@@ -6,7 +6,8 @@ backend owns), as one Stateful object (`state_dict()` / `load_state_dict()`, as 
                             number of processes as long as the global batch is the same)
     teacher, center         the EMA teacher's weights and the loss's center
     rng                     every rank's torch RNG state (drop-path masks)
-    skipped_samples         unreadable samples skipped so far
+    counts                  each rank's unreadable samples and damaged shards skipped so far, and the non-finite
+                            optimizer steps dropped (the `skip_nonfinite_steps` budget)
 
 A checkpoint is `backend.save(run_dir, step, state.state_dict(), ...)`: the backend adds the student and optimizer.
 """
@@ -24,8 +25,10 @@ from torch import nn
 from dino_scale import run_dir as layout
 from dino_scale.config import TrainConfig
 from dino_scale.data.loaders import stable_seed
-from dino_scale.errors import ConfigError
+from dino_scale.errors import ConfigError, InputError, NonFiniteError
+from dino_scale.train import checkpoint
 from dino_scale.train.backends import Backend
+from dino_scale.train.backends.base import StepResult
 from dino_scale.train.loss import DINOLoss
 
 log = logging.getLogger("dino_scale")
@@ -37,6 +40,13 @@ class DataPlan:
     samples_per_epoch: int
     global_batch: int
     steps_per_epoch: int
+    skipped_shards: int = 0
+    """Shards left out before the first step because they cannot be read (see data.shards.survey_shards)."""
+
+
+# The skipped-sample fraction is judged once this many samples were read: one bad image in the first batch is not a
+# verdict on the data set.
+MIN_SAMPLES_FOR_SKIP_VERDICT = 1000
 
 
 def rng_state() -> dict[str, Any]:
@@ -57,27 +67,100 @@ class TrainState:
 
     def __init__(self, cfg: TrainConfig, backend: Backend, teacher: nn.Module, loss: DINOLoss, plan: DataPlan) -> None:
         self.cfg, self.backend, self.teacher, self.loss, self.plan = cfg, backend, teacher, loss, plan
+        self.run_dir = cfg.resolved_output_dir()
         self.step = 0
         self.epoch = 0
         self.step_in_epoch = 0
+        # This rank's counts (summed over ranks at log steps); the survey's skipped shards are counted once, on rank 0.
         self.skipped_samples = 0
+        self.skipped_shards = plan.skipped_shards if backend.is_main_process() else 0
+        self.skipped_steps = 0  # the same on every rank
+        self.skipped_examples: list[str] = []
+        self._checkpoint_pending = False
+        self._last_good_step: int | None = None  # the latest step whose update was applied
 
     @property
     def first_micro_batch(self) -> int:
         """Where in the current epoch the data loader starts, in micro-batches of this process."""
         return self.step_in_epoch * self.backend.batch.accumulation_steps
 
-    def count_skipped(self, keys: list[str]) -> None:
+    def count_skipped(self, keys: list[str], shards: list[str]) -> None:
+        """Unreadable samples and damaged shards the loader dropped while assembling a batch (already logged)."""
         if keys:
             self.skipped_samples += len(keys)
+            self.skipped_examples = (self.skipped_examples + keys)[:5]
             log.warning("skipped %d unreadable sample(s): %s", len(keys), ", ".join(keys))
+        self.skipped_shards += len(shards)
 
-    def finish_step(self) -> None:
-        """One optimizer step done: advance the step and the data position (rolling over at the epoch's end)."""
+    def counts(self) -> dict[str, int]:
+        """This rank's skip counts, summed over ranks at log steps."""
+        return {"skipped_samples": self.skipped_samples, "skipped_shards": self.skipped_shards}
+
+    def finish_step(self, result: StepResult) -> None:
+        """One optimizer step done (applied, or dropped as non-finite): advance the step and the data position
+        (rolling over at the epoch's end). A non-finite step stops the run unless the `skip_nonfinite_steps`
+        budget allows dropping it; the error names the step as the log numbers it (1-based)."""
+        if result.non_finite:
+            budget_left = self.cfg.skip_nonfinite_steps - self.skipped_steps
+            if not result.recoverable or budget_left <= 0 or not self.backend.can_skip_steps:
+                raise NonFiniteError(self._non_finite_message(result))
+            self.skipped_steps += 1
+            log.warning(
+                "step %d: non-finite %s; the update was dropped (%d of skip_nonfinite_steps=%d used)",
+                self.step + 1,
+                ", ".join(result.non_finite),
+                self.skipped_steps,
+                self.cfg.skip_nonfinite_steps,
+            )
         self.step += 1
         self.step_in_epoch += 1
         if self.step_in_epoch == self.plan.steps_per_epoch:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        if self.step % self.cfg.checkpoint_every == 0:
+            self._checkpoint_pending = True
+        if not result.non_finite:
+            self._last_good_step = self.step
+
+    def _non_finite_message(self, result: StepResult) -> str:
+        latest = layout.find_latest_checkpoint(self.run_dir)
+        where = f"the last checkpoint is {latest} (resume with --resume)" if latest else "no checkpoint was written"
+        if not result.recoverable:
+            why = "stopping"
+        elif not self.backend.can_skip_steps:
+            why = f"stopping (backend={self.backend.name} cannot drop a step outside fp16 loss scaling)"
+        elif self.cfg.skip_nonfinite_steps:
+            why = f"stopping: the skip_nonfinite_steps budget of {self.cfg.skip_nonfinite_steps} is used up"
+        else:
+            why = "stopping (set skip_nonfinite_steps to drop such steps instead)"
+        return f"step {self.step + 1}: non-finite {', '.join(result.non_finite)}; {why}; {where}"
+
+    def checkpoint_due(self, last_step: int) -> bool:
+        """Every `checkpoint_every` steps, but only after an applied (finite) step: a due checkpoint whose step was
+        dropped as non-finite waits for the next finite one. The end of the run is always saved (after a dropped
+        last step the weights are those of the last finite step)."""
+        if self.step == last_step:
+            self._checkpoint_pending = False
+            return True
+        if self._checkpoint_pending and self._last_good_step == self.step:
+            self._checkpoint_pending = False
+            return True
+        return False
+
+    def check_skipped_fraction(self, record: dict[str, Any]) -> None:
+        """Stop when more than `data.max_skipped_fraction` of the samples read so far were unreadable (`record`: a
+        log step's metrics, whose skip count is summed over ranks; every rank decides the same)."""
+        limit = self.cfg.data.max_skipped_fraction
+        skipped = int(record.get("skipped_samples", 0))
+        read = self.step * self.plan.global_batch + skipped
+        if limit >= 1.0 or read < MIN_SAMPLES_FOR_SKIP_VERDICT:
+            return
+        if skipped > limit * read:
+            examples = ", ".join(self.skipped_examples) or "see the warnings above"
+            raise InputError(
+                f"step {self.step}: {skipped} of {read} samples read ({skipped / read:.1%}) were unreadable and "
+                f"skipped, more than data.max_skipped_fraction={limit}; e.g. {examples}. Repair or drop them "
+                "(`dino-scale shard` re-encodes an image folder), or raise data.max_skipped_fraction"
+            )
 
     # --- Stateful ------------------------------------------------------------------------------------------------
 
@@ -95,7 +178,8 @@ class TrainState:
                 "world_size": self.backend.world_size,
             },
             "rng": self.backend.gather_objects(rng_state()),
-            "skipped_samples": self.skipped_samples,
+            "counts": self.backend.gather_objects(self.counts()),
+            "skipped_steps": self.skipped_steps,
             "backend": self.backend.name,
             "config": self.cfg.to_dict(),
         }
@@ -104,7 +188,8 @@ class TrainState:
         self.teacher.load_state_dict(state["teacher"])
         self.loss.center.copy_(state["center"])
         self.step = int(state["step"])
-        self.skipped_samples = int(state.get("skipped_samples", 0))
+        self._last_good_step = self.step
+        self._restore_counts(state)
         self.epoch, self.step_in_epoch = self._position(state["data_position"])
         self._restore_rng(state["rng"])
 
@@ -121,6 +206,19 @@ class TrainState:
             return int(position["epoch"]), int(position["step_in_epoch"])
         # Written before step_in_epoch existed: a micro-batch index of this process.
         return int(position["epoch"]), int(position["batch"]) // self.backend.batch.accumulation_steps
+
+    def _restore_counts(self, state: dict[str, Any]) -> None:
+        """Each rank continues its own counts; on another process count, rank 0 carries the totals."""
+        per_rank = state.get("counts") or [{"skipped_samples": int(state.get("skipped_samples", 0))}]
+        if len(per_rank) == self.backend.world_size:
+            mine = per_rank[self.backend.rank]
+        elif self.backend.is_main_process():
+            mine = {key: sum(int(c.get(key, 0)) for c in per_rank) for key in ("skipped_samples", "skipped_shards")}
+        else:
+            mine = {}
+        self.skipped_samples = int(mine.get("skipped_samples", 0))
+        self.skipped_shards = int(mine.get("skipped_shards", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
 
     def _restore_rng(self, saved: Any) -> None:
         """Each rank continues its own RNG stream (drop-path masks). After a change of process count the streams
@@ -144,11 +242,23 @@ class TrainState:
         log.info("checkpoint %s", path)
 
     def resume(self, run_dir: Path) -> bool:
-        """Continue from the run's latest checkpoint; False when it has none (the run starts from scratch)."""
-        latest = layout.find_latest_checkpoint(run_dir)
-        if latest is None:
+        """Continue from the run's newest usable checkpoint; False when it has none (the run starts from scratch).
+
+        Each checkpoint is verified against its manifest before anything of it is loaded; a damaged or foreign one
+        is reported (a warning naming it and why) and the previous one is tried, the same one on every rank
+        (checkpoint.resume_newest). When none is usable the run stops with one line listing what was tried."""
+
+        def load(path: Path) -> None:
+            state = self.backend.load(path)
+            checkpoint.check_trainer_state(state, self.teacher, self.loss.center, path)  # before the teacher is touched
+            self.load_state_dict(state)
+
+        found = checkpoint.resume_newest(
+            run_dir, load, self.backend.gather_objects, self.backend.rank, self.backend.world_size
+        )
+        if found is None:
             log.warning("--resume: no checkpoint in %s, starting from scratch", run_dir)
             return False
-        self.load_state_dict(self.backend.load(latest))
-        log.info("resumed from %s at step %d (epoch %d, step %d)", latest, self.step, self.epoch, self.step_in_epoch)
+        path, _ = found
+        log.info("resumed from %s at step %d (epoch %d, step %d)", path, self.step, self.epoch, self.step_in_epoch)
         return True

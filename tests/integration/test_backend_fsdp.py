@@ -91,7 +91,7 @@ def train_steps(backend: Any, module: torch.nn.Module, teacher: torch.nn.Module,
                 student_output = module(batch)
             loss, _ = loss_fn(student_output, teacher_output, TEACHER_TEMP)
             backend.backward(loss / accumulation, sync_gradients=last)
-        norms.append(backend.optimizer_step(LR, WD, freeze_last_layer=step == 0).item())
+        norms.append(backend.optimizer_step(LR, WD, freeze_last_layer=step == 0, flags={}).grad_norm.item())
         update_teacher(teacher, backend.student_weight_groups(), EMA_MOMENTUM)
     return norms
 
@@ -323,7 +323,7 @@ def test_checkpoint_layout_and_reload_on_two_and_one_processes(fsdp_load_one: Pa
     assert checkpoint == fsdp_load_one / "run" / "checkpoints" / "step_00000003"
     assert layout.find_latest_checkpoint(fsdp_load_one / "run") == checkpoint
     files = sorted(p.relative_to(checkpoint).as_posix() for p in checkpoint.rglob("*") if p.is_file())
-    assert files == ["dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "trainer_state.pt"]
+    assert files == ["dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "manifest.json", "trainer_state.pt"]
     assert not list(checkpoint.parent.glob(".*")), "staging folder or temp files left behind"
     for world in (2, 1):
         for rank in range(world):

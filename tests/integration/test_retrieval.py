@@ -103,6 +103,7 @@ def _index(images: Path, model: Path, out: Path, **kwargs: object) -> dict:
     return retrieval.run_index(options, echo=lambda _: None)
 
 
+@pytest.mark.faults
 def test_interrupted_index_run_resumes_to_the_uninterrupted_result(
     trained: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -110,7 +110,8 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, mon
         return output * float("nan") if calls["n"] == 8 else output
 
     monkeypatch.setattr(MultiCropWrapper, "forward", poisoned)
-    with pytest.raises(NonFiniteError, match=r"step 3: non-finite student_output, loss"):
+    # Step index 3 is the log's step 4; the message names the last checkpoint, the one to resume from.
+    with pytest.raises(NonFiniteError, match=r"step 4: non-finite student_output, loss.*step_00000002\.pt"):
         train(tiny(tmp_path, *SHORT, "checkpoint_every=2"))
     latest = layout.find_latest_checkpoint(tmp_path)
     assert latest.name == "step_00000002.pt"

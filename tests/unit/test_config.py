@@ -135,3 +135,48 @@ def test_torch_autocast_block_sets_the_precision(tmp_path: Path) -> None:
     block["torch_autocast"]["dtype"] = "int8"
     with pytest.raises(ConfigError, match="torch_autocast.dtype must be one of"):
         load_config(write(tmp_path, {"deepspeed": block}))
+
+
+def test_config_error_is_one_line_with_faults_joined(tmp_path: Path) -> None:
+    path = write(tmp_path, {**MINIMAL, "epochs": 0})
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"invalid config {path}: epochs: Input should be greater than 0 (got 0)"
+    path = write(tmp_path, {**MINIMAL, "epochs": 0, "optim": {"lrr": 1}})
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["seed=-1"])
+    assert str(info.value) == (
+        f"invalid config {path} (with --set seed=-1): seed: Input should be greater than or equal to 0 (got -1); "
+        "epochs: Input should be greater than 0 (got 0); optim.lrr: unknown key"
+    )
+
+
+def test_values_at_the_bounds_are_accepted(tmp_path: Path) -> None:
+    top = {"seed": 2**32 - 1, "epochs": 10_000, "max_steps": 10**9, "log_every": 10**9, "checkpoint_every": 10**9}
+    top |= {"keep_checkpoints": 10_000, "skip_nonfinite_steps": 10**6}
+    model = {"out_dim": 2**20, "hidden_dim": 65536, "bottleneck_dim": 65536, "head_layers": 32}
+    data = {"samples_per_epoch": 10**10, "num_workers": 256, "shuffle_buffer": 10**6, "local_crops_number": 64}
+    data |= {"global_crop_size": 4096, "local_crop_size": 4096, "max_skipped_fraction": 1.0}
+    optim = {"lr": 100.0, "min_lr": 100.0, "warmup_epochs": 10_000, "weight_decay": 10.0, "weight_decay_end": 10}
+    optim |= {"freeze_last_layer": 10_000}
+    dino = {"student_temp": 10.0, "warmup_teacher_temp": 1e-3, "teacher_temp": 10, "warmup_teacher_temp_epochs": 1e4}
+    monitor = {"patience_steps": 10**9, "low_kl": 100.0, "low_entropy": 0.0, "high_entropy": 1.0}
+    evaluation = {"knn_k": 10_000, "knn_temperature": 1e-3, "image_size": 4096, "batch_size": 65536}
+    deepspeed = {"train_micro_batch_size_per_gpu": 2**20, "gradient_accumulation_steps": 2**20}
+    deepspeed |= {"train_batch_size": 2**30, "gradient_clipping": 1e300, "zero_optimization": {"stage": 3}}
+    recipe = top | {"model": model, "data": data, "optim": optim, "dino": dino, "monitor": monitor}
+    cfg = load_config(write(tmp_path, recipe | {"eval": evaluation, "deepspeed": deepspeed}))
+    assert (cfg.seed, cfg.epochs, cfg.data.samples_per_epoch, cfg.optim.lr) == (2**32 - 1, 10_000, 10**10, 100.0)
+    assert (cfg.micro_batch_size, cfg.clip_grad, cfg.zero_stage) == (2**20, 1e300, 3)
+
+
+def test_timm_kwargs_take_json_scalars_and_lists(tmp_path: Path) -> None:
+    kwargs = {"img_size": [32, 32], "act_layer": "gelu", "qkv_bias": False, "init_values": None, "mlp_ratio": 4.0}
+    cfg = load_config(write(tmp_path, {**MINIMAL, "model": {"timm_kwargs": kwargs}}))
+    assert cfg.model.timm_kwargs == kwargs
+
+
+def test_utf8_with_byte_order_mark_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({**MINIMAL, "name": "caf\u00e9"}).encode())
+    assert load_config(path).name == "caf\u00e9"

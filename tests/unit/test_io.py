@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +16,16 @@ import safetensors
 import torch
 from support import same_tensors
 
-from dino_scale.errors import CheckpointError
+from dino_scale.errors import CheckpointError, WriteFailed
 from dino_scale.io import (
     atomic_torch_save,
+    atomic_write,
+    atomic_write_json,
+    file_sha256,
     is_safetensors_file,
     load_checkpoint,
     load_safetensors,
+    safetensors_metadata,
     save_safetensors,
 )
 from dino_scale.models.weights import extract_backbone_state_dict
@@ -139,3 +147,68 @@ def test_safetensors_detection_does_not_depend_on_the_first_byte(tmp_path: Path)
     legacy = tmp_path / "legacy.pt"
     torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)  # raw pickle, starts 0x80
     assert not is_safetensors_file(legacy)
+
+
+def test_full_disk_is_one_line_naming_the_path_free_space_and_need(tmp_path: Path) -> None:
+    def fill_up(tmp: Path) -> None:
+        tmp.write_bytes(b"x" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    target = tmp_path / "weights.safetensors"
+    target.write_bytes(b"previous")
+    with pytest.raises(WriteFailed) as caught:
+        atomic_write(target, fill_up, needed=3 * 2**20)
+    message = str(caught.value)
+    assert message.startswith(f"cannot write {target}: No space left on device (") and "\n" not in message
+    assert " free in " in message and "it needs about 3.0 MiB" in message
+    assert isinstance(caught.value, OSError)  # callers catching OSError keep working
+    assert target.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+
+
+def test_read_only_folder_is_one_line_naming_the_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr("tempfile.mkstemp", refuse)
+    with pytest.raises(WriteFailed, match=rf"^cannot write {tmp_path / 'x.json'}: Permission denied$"):
+        atomic_write_json(tmp_path / "x.json", {"a": 1})
+
+
+def test_torch_save_on_a_full_disk_estimates_the_tensor_bytes(tmp_path: Path, monkeypatch) -> None:
+    def no_space(obj: Any, f: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    with pytest.raises(WriteFailed, match=r"it needs about 4\.0 MiB"):
+        atomic_torch_save({"w": torch.zeros(2**20), "step": 3}, tmp_path / "ckpt.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+# Writes the same tensors and metadata (in an order given on the command line) in a fresh interpreter: safetensors
+# keeps metadata in a hash map whose order is seeded per process, which is what made the bytes differ run to run.
+WRITE_SAFETENSORS = """
+import sys, torch
+from dino_scale.io import save_safetensors
+keys = sys.argv[2].split(",")
+tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(4, dtype=torch.float16)}
+save_safetensors(tensors, sys.argv[1], metadata={k: f"value-{k}" for k in keys})
+"""
+
+
+def test_safetensors_bytes_are_reproducible_and_mode_is_normal(tmp_path: Path) -> None:
+    keys = ["arch", "timm_kwargs", "step", "source", "sha", "zeta", "alpha", "mid"]
+    digests = set()
+    for run, order in enumerate((keys, keys[::-1], keys, keys[3:] + keys[:3])):
+        path = tmp_path / f"w{run}.safetensors"
+        subprocess.run([sys.executable, "-c", WRITE_SAFETENSORS, str(path), ",".join(order)], check=True)
+        digests.add(file_sha256(path))
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~_current_umask()
+    assert len(digests) == 1
+    assert safetensors_metadata(tmp_path / "w0.safetensors") == {k: f"value-{k}" for k in keys}
+    assert same_tensors(load_safetensors(tmp_path / "w1.safetensors"), load_safetensors(tmp_path / "w0.safetensors"))
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,11 +28,23 @@ from torch import nn
 
 from dino_scale import run_dir as layout
 from dino_scale.config import BatchPlan, TrainConfig
-from dino_scale.errors import CheckpointError, NonFiniteError, Unavailable
-from dino_scale.io import load_checkpoint
+from dino_scale.errors import CheckpointError, Unavailable, WriteFailed
+from dino_scale.io import load_checkpoint, write_failure
 from dino_scale.train import checkpoint
 
 log = logging.getLogger("dino_scale")
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step did. `non_finite`: the quantities that went NaN / inf (the same on every rank);
+    `applied`: False when the update was dropped (the weights and optimizer state are the previous step's);
+    `recoverable`: False when a failure may have touched the weights (the run must stop whatever the budget)."""
+
+    grad_norm: torch.Tensor
+    non_finite: list[str]
+    applied: bool = True
+    recoverable: bool = True
 
 
 @dataclass(frozen=True)
@@ -138,9 +150,15 @@ class Backend(ABC):
         """Accumulate gradients of one micro-batch's loss (already divided by the accumulation steps)."""
 
     @abstractmethod
-    def optimizer_step(self, lr: float, weight_decay: float, freeze_last_layer: bool) -> torch.Tensor:
+    def optimizer_step(
+        self, lr: float, weight_decay: float, freeze_last_layer: bool, flags: dict[str, torch.Tensor]
+    ) -> StepResult:
         """One optimizer step with the scheduled lr / wd, clipping at `gradient_clipping`, the last layer's lr at 0
-        while it is frozen; gradients are zeroed afterwards. Returns the global gradient norm before clipping."""
+        while it is frozen; gradients are zeroed afterwards.
+
+        `flags` (name -> 0-dim bool tensor, True where that quantity went NaN / inf in this step's micro-batches)
+        are checked together with the gradient norm before the update, with one collective and one host read: a
+        step that is non-finite on any rank updates nothing on every rank (`StepResult.applied` False)."""
 
     @property
     def skips_non_finite_steps(self) -> bool:
@@ -148,22 +166,23 @@ class Backend(ABC):
         scaler (torch's GradScaler, DeepSpeed's), so a non-finite gradient norm is expected there, not an error."""
         return self.cfg.fp16
 
-    def raise_if_non_finite(self, step: int, flags: dict[str, torch.Tensor]) -> None:
-        """Stop training if any process saw a non-finite quantity in this optimizer step (`flags`: name -> 0-dim bool
-        tensor, True where it went NaN / inf). One collective and one host read per optimizer step; every rank
-        raises at the same step, so none is left waiting in a collective."""
+    @property
+    def can_skip_steps(self) -> bool:
+        """Whether a non-finite step can be dropped without touching the weights or the optimizer state (the
+        `skip_nonfinite_steps` budget): every backend that checks before it updates."""
+        return True
+
+    def non_finite(self, flags: dict[str, torch.Tensor]) -> list[str]:
+        """Names of the quantities that went NaN / inf on any process (`flags`: name -> 0-dim bool tensor). One
+        collective and one host read; every rank gets the same list, so all of them act the same."""
         if self.skips_non_finite_steps:
             flags = {name: flag for name, flag in flags.items() if name != "gradient_norm"}
         if not flags:
-            return
+            return []
         vector = torch.stack([flag.to(self.device, torch.float32) for flag in flags.values()])
         if self.distributed:
             dist.all_reduce(vector, op=dist.ReduceOp.MAX)
-        bad = [name for name, value in zip(flags, vector.tolist(), strict=True) if value]
-        if bad:
-            raise NonFiniteError(
-                f"step {step}: non-finite {', '.join(bad)}; stopping (the last checkpoint is untouched)"
-            )
+        return [name for name, value in zip(flags, vector.tolist(), strict=True) if value]
 
     @abstractmethod
     def student_weight_groups(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
@@ -182,12 +201,17 @@ class Backend(ABC):
     @abstractmethod
     def save(self, run_dir: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
         """Write a checkpoint of the student, its optimizer and `state` (teacher, center, ...; the same on every
-        rank, written once). Every rank calls this. Returns the checkpoint's path."""
+        rank, written once), its manifest last, then move latest.json to it (dino_scale.train.checkpoint). Every
+        rank calls this. A write that fails on any rank (a full disk) raises WriteFailed on every rank, leaving the
+        previous checkpoint the latest and nothing of this one. Returns the checkpoint's path."""
 
     @abstractmethod
     def load(self, path: Path) -> dict[str, Any]:
-        """Restore the student and its optimizer from a checkpoint of any backend this one can read; returns the
-        rest of its state. Every rank calls this."""
+        """Restore the student and its optimizer from a checkpoint of any backend this one can read (already
+        verified against its manifest by the caller); returns the rest of its state. Every rank calls this. Nothing
+        is unpickled beyond plain values; a checkpoint that does not fit raises CheckpointError before the student is
+        touched where the backend can tell, IncompatibleCheckpoint where this configuration cannot resume it at all
+        (no older checkpoint of the run would do either)."""
 
     # --- collectives (no-ops on one process) ------------------------------------------------------------------
 
@@ -201,14 +225,6 @@ class Backend(ABC):
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
-
-    def mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
-        """Mean of a small tensor over ranks (for logging: the loss every rank saw, not just rank 0's)."""
-        if not self.distributed:
-            return value
-        total = value.detach().float().clone()
-        dist.all_reduce(total)
-        return total / self.world_size
 
     def sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         """Sum of a tensor over ranks, as a new tensor (the input is left as it is)."""
@@ -228,6 +244,29 @@ class Backend(ABC):
         if self.distributed:
             dist.barrier()
             dist.destroy_process_group()
+
+
+def apply_if_finite(
+    backend: Backend,
+    optimizer: torch.optim.Optimizer,
+    grad_norm: torch.Tensor,
+    flags: dict[str, torch.Tensor],
+    step: Callable[[], Any],
+) -> StepResult:
+    """Run `step` (the optimizer's update) only when `flags` and the gradient norm are finite on every rank.
+
+    A step that raises an overflow (a learning rate too large for the optimizer's float arithmetic) is reported as
+    a non-finite update that may have touched the optimizer state, so the run stops."""
+    bad = backend.non_finite({**flags, "gradient_norm": ~torch.isfinite(grad_norm)})
+    if bad:
+        return StepResult(grad_norm, bad, applied=False)
+    try:
+        step()
+    except RuntimeError as error:
+        if "overflow" not in str(error).lower():
+            raise
+        return StepResult(grad_norm, [f"optimizer update ({error})"], applied=False, recoverable=False)
+    return StepResult(grad_norm, [])
 
 
 # --- checkpoint helpers shared by the backends ---------------------------------------------------------------
@@ -252,24 +291,63 @@ def weight_blocks(model: nn.Module) -> list[list[tuple[str, nn.Parameter]]]:
     return list(groups.values())
 
 
+def agree(backend: Backend, error: BaseException | None, cleanup: Callable[[], None] | None = None) -> None:
+    """Fail on every rank together: each rank says whether it failed (one collective); when any did, the main
+    process runs `cleanup` and every rank raises (its own error, or the first rank's as WriteFailed or
+    CheckpointError). So no rank is left waiting in a collective for one that gave up."""
+    mine = None if error is None else (isinstance(error, WriteFailed), checkpoint.one_line(error))
+    failures = [failure for failure in backend.gather_objects(mine) if failure is not None]
+    if not failures:
+        return
+    if backend.is_main_process() and cleanup is not None:
+        cleanup()
+    if error is not None:
+        raise error
+    write, message = failures[0]
+    raise WriteFailed(message) if write else CheckpointError(message)
+
+
 def stage_checkpoint_dir(run_dir: Path, step: int, backend: Backend) -> Path:
     """A fresh, empty staging folder for a folder checkpoint; renamed into place by `commit_checkpoint_dir`."""
     staging = layout.staging_path(run_dir, step)
+    error = None
     if backend.is_main_process():
-        if staging.exists():  # left by a run killed during a save
-            shutil.rmtree(staging)
-        staging.mkdir(parents=True)
-    backend.barrier()
+        try:
+            if staging.exists():  # left by a run killed during a save
+                shutil.rmtree(staging)
+            staging.mkdir(parents=True)
+        except OSError as caught:
+            error = write_failure(staging, caught)
+    agree(backend, error, cleanup=lambda: shutil.rmtree(staging, ignore_errors=True))
     return staging
 
 
+def settle_writes(backend: Backend, staging: Path, error: BaseException | None) -> None:
+    """After every rank wrote its files into `staging`: when any rank failed (a full disk: WriteFailed), remove the
+    staging folder and raise on every rank; the previous checkpoint and latest.json stay as they were."""
+    agree(backend, error, cleanup=lambda: shutil.rmtree(staging, ignore_errors=True))
+
+
 def commit_checkpoint_dir(run_dir: Path, step: int, staging: Path, backend: Backend, keep_last: int) -> Path:
-    """After every rank has written its part: rank 0 renames the folder into place and moves latest.json."""
-    backend.barrier()
+    """After every rank has written its part (`settle_writes`): each rank fsyncs and hashes its share of the files,
+    then rank 0 writes the manifest, renames the folder into place and moves latest.json."""
     final = layout.checkpoint_path(run_dir, step, folder=True)
+    error: BaseException | None = None
+    digests: dict[str, Any] = {}
+    try:
+        names = checkpoint.checkpoint_files(staging)
+        digests = checkpoint.digest_files(staging, names[backend.rank :: backend.world_size], fsync=True)
+    except OSError as caught:
+        error = write_failure(staging, caught)
+    shares = backend.gather_objects(digests)
+    settle_writes(backend, staging, error)
     if backend.is_main_process():
-        checkpoint.commit_checkpoint_dir(staging, final, keep_last=keep_last)
-    backend.barrier()
+        merged = {name: entry for share in shares for name, entry in share.items()}
+        try:
+            checkpoint.commit_checkpoint_dir(staging, final, keep_last=keep_last, digests=merged)
+        except Exception as caught:
+            error = caught
+    agree(backend, error)
     return final
 
 
@@ -278,13 +356,60 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
     return load_checkpoint(path / layout.TRAINER_STATE_FILE if path.is_dir() else path)
 
 
+def split_single_file(state: dict[str, Any]) -> dict[str, Any]:
+    """The student part (student, optimizer, grad scaler) of a single-file checkpoint's contents."""
+    return {key: state[key] for key in ("student", "optimizer", "grad_scaler") if key in state}
+
+
 def portable_student_state(path: Path) -> dict[str, Any] | None:
     """The name-keyed student + optimizer state of a checkpoint, when it has one (see run_dir.PORTABLE_STUDENT_FILE)."""
     if path.is_file():
-        state = load_checkpoint(path)
-        return {key: state[key] for key in ("student", "optimizer", "grad_scaler") if key in state}
+        return split_single_file(load_checkpoint(path))
     portable = path / layout.PORTABLE_STUDENT_FILE
     return load_checkpoint(portable) if portable.is_file() else None
+
+
+def missing_portable_state(path: Path, state: dict[str, Any]) -> CheckpointError:
+    """The error for a folder checkpoint without the name-keyed student: damaged where its writer always writes one
+    (DeepSpeed ZeRO 0-2), else a checkpoint only the backend and process count that wrote it can resume."""
+    writer = str(state.get("backend", "unknown"))
+    config = state.get("config") if isinstance(state.get("config"), dict) else {}
+    stage = ((config.get("deepspeed") or {}).get("zero_optimization") or {}).get("stage", 0)
+    if writer == "deepspeed" and isinstance(stage, int) and stage <= 2:
+        return CheckpointError(f"{path} has no {layout.PORTABLE_STUDENT_FILE}, which ZeRO-{stage} writes (damaged?)")
+    return checkpoint.IncompatibleCheckpoint(
+        f"{path} holds a sharded checkpoint of backend={writer} without {layout.PORTABLE_STUDENT_FILE}: resume it "
+        "with the backend and number of processes that wrote it (see config.json in the run directory)"
+    )
+
+
+def check_portable_state(module: nn.Module, portable: dict[str, Any], source: Path) -> None:
+    """Refuse (CheckpointError naming `source`) a name-keyed student + optimizer state that does not fit `module`,
+    before any of it is loaded: missing parts, other parameter names or shapes, a malformed optimizer state."""
+    student, optimizer = portable.get("student"), portable.get("optimizer")
+    if not isinstance(student, dict) or not isinstance(optimizer, dict):
+        missing = "student" if not isinstance(student, dict) else "optimizer"
+        raise CheckpointError(f"{source} has no {missing} state of ours (a foreign checkpoint?)")
+    expected = module.state_dict()
+    if set(student) != set(expected):
+        missing, unexpected = sorted(set(expected) - set(student)), sorted(set(student) - set(expected))
+        raise CheckpointError(
+            f"{source}: its student does not match this model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    for name, tensor in expected.items():
+        saved = student[name]
+        if not isinstance(saved, torch.Tensor) or tuple(saved.shape) != tuple(tensor.shape):
+            shape = tuple(saved.shape) if isinstance(saved, torch.Tensor) else type(saved).__name__
+            raise CheckpointError(f"{source}: its student's {name} is {shape}, this model's is {tuple(tensor.shape)}")
+    groups, state = optimizer.get("param_groups"), optimizer.get("state")
+    well_formed = (
+        isinstance(groups, list)
+        and isinstance(state, dict)
+        and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)
+        and all(isinstance(name, str) for g in groups for name in g["params"])
+    )
+    if not well_formed:
+        raise CheckpointError(f"{source}: its optimizer state is not keyed by parameter name (a foreign checkpoint?)")
 
 
 def named_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -8,7 +8,9 @@ when the block uses DeepSpeed's own bf16/fp16 modes, whose module weights are lo
 Checkpoints are DeepSpeed's sharded ones (`deepspeed/` in the checkpoint folder). For ZeRO 0-2 the folder also
 holds the student's full weights and optimizer state keyed by parameter name (`student_full.pt`): that is what
 lets a run resume on another number of processes, or on one process with the local backend. ZeRO-3 runs resume
-on the same number of processes.
+on the same number of processes. DeepSpeed's files are read with torch's weights-only unpickler (its engine would
+unpickle anything) and checked for other pickled classes on every rank before DeepSpeed reads any of them; a full
+disk during DeepSpeed's own writes is recorded and raised on every rank after its save, not halfway through it.
 """
 
 from __future__ import annotations
@@ -27,21 +29,27 @@ from torch import nn
 from dino_scale import run_dir as layout
 from dino_scale.config import BatchPlan, TrainConfig
 from dino_scale.devices import resolve_device
-from dino_scale.errors import CheckpointError, ConfigError, Unavailable
-from dino_scale.io import atomic_torch_save
+from dino_scale.errors import CheckpointError, ConfigError, Unavailable, WriteFailed
+from dino_scale.io import atomic_torch_save, write_failure
 from dino_scale.train.backends.base import (
     Backend,
+    StepResult,
+    check_portable_state,
     commit_checkpoint_dir,
     launch_environment,
     load_named_optimizer_state,
+    missing_portable_state,
     named_optimizer_state,
     portable_student_state,
     read_trainer_state,
     require_launcher,
+    settle_writes,
+    split_single_file,
     stage_checkpoint_dir,
     sync_batch_norm,
     weight_blocks,
 )
+from dino_scale.train.checkpoint import IncompatibleCheckpoint, one_line
 from dino_scale.train.optim import create_optimizer, set_hyperparameters
 
 log = logging.getLogger("dino_scale")
@@ -119,7 +127,7 @@ class DeepSpeedBackend(Backend):
             raise ConfigError(
                 f"DeepSpeed rejected the recipe's deepspeed block {self.cfg.deepspeed}: {type(error).__name__}: {error}"
             ) from error
-        self.engine.checkpoint_engine.load = _weights_only_load
+        self._install_checkpoint_io()
         return self.engine
 
     def backward(self, loss: torch.Tensor, sync_gradients: bool) -> None:
@@ -129,10 +137,21 @@ class DeepSpeedBackend(Backend):
             # DeepSpeed counts micro-steps in step(); off the accumulation boundary it only advances the counter.
             self.engine.step()
 
-    def optimizer_step(self, lr: float, weight_decay: float, freeze_last_layer: bool) -> torch.Tensor:
+    @property
+    def can_skip_steps(self) -> bool:
+        # The engine's step cannot be left out (it keeps DeepSpeed's micro-step accounting), and outside fp16 loss
+        # scaling it would apply non-finite gradients; so a non-finite step stops the run.
+        return self.cfg.fp16
+
+    def optimizer_step(
+        self, lr: float, weight_decay: float, freeze_last_layer: bool, flags: dict[str, torch.Tensor]
+    ) -> StepResult:
         set_hyperparameters(self.engine.optimizer, lr, weight_decay, freeze_last_layer)
         if not self.engine.is_gradient_accumulation_boundary():
             raise RuntimeError("optimizer_step() called off DeepSpeed's gradient accumulation boundary")
+        bad = self.non_finite(flags)  # before the engine's step, which would apply them
+        if bad and not self.cfg.fp16:
+            return StepResult(torch.tensor(float("nan")), bad, applied=False, recoverable=False)
         # ZeRO-0 in fp32 does not report the norm: the gradients are whole on every rank, so take it here.
         grads = [p.grad for p in self.student.parameters() if p.grad is not None] if self.zero_stage == 0 else []
         own_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads else None
@@ -141,8 +160,14 @@ class DeepSpeedBackend(Backend):
         if norm is None:
             if own_norm is None:
                 raise RuntimeError("DeepSpeed reported no gradient norm for this step")
-            return own_norm.detach()
-        return torch.as_tensor(float(norm))
+            grad_norm = own_norm.detach()
+        else:
+            grad_norm = torch.as_tensor(float(norm))
+        if bad:  # fp16: the loss scaler saw the overflow and skipped the update
+            return StepResult(grad_norm, bad, applied=False)
+        if not self.cfg.fp16 and not bool(torch.isfinite(grad_norm)):  # a host float already: no extra sync
+            return StepResult(grad_norm, ["gradient_norm"], applied=False, recoverable=False)
+        return StepResult(grad_norm, [])
 
     def _low_precision_weights(self) -> bool:
         return any(self.cfg.deepspeed.get(key, {}).get("enabled", False) for key in ("bf16", "fp16"))
@@ -164,14 +189,60 @@ class DeepSpeedBackend(Backend):
 
     # --- checkpoints ------------------------------------------------------------------------------------------
 
+    def _install_checkpoint_io(self) -> None:
+        """Route DeepSpeed's checkpoint reads through a weights-only loader, and make its writes record an OSError
+        (a full disk) instead of raising it: DeepSpeed's save runs collectives between its writes, so a rank that
+        raised halfway would leave the others waiting; every rank finishes the save and they fail together."""
+        engine, files = self.engine, self.engine.checkpoint_engine
+        write_save, write_makedirs, copy_scripts = files.save, files.makedirs, engine._copy_recovery_script
+        self._write_failures: list[WriteFailed] = []
+
+        def save(state_dict: Any, path: str) -> None:
+            if self._write_failures:
+                return
+            try:
+                write_save(state_dict, path)
+            except OSError as error:
+                Path(path).unlink(missing_ok=True)
+                self._write_failures.append(write_failure(path, error, self._checkpoint_bytes()))
+
+        def makedirs(path: str, exist_ok: bool = False) -> None:
+            try:
+                write_makedirs(path, exist_ok=exist_ok)
+            except OSError as error:
+                self._write_failures.append(write_failure(path, error, self._checkpoint_bytes()))
+
+        def copy_recovery_scripts(save_path: str) -> None:
+            if self._write_failures:
+                return
+            try:
+                copy_scripts(save_path)
+            except OSError as error:
+                self._write_failures.append(write_failure(save_path, error, self._checkpoint_bytes()))
+
+        files.load, files.save, files.makedirs = _weights_only_load, save, makedirs
+        engine._copy_recovery_script = copy_recovery_scripts
+
+    def _checkpoint_bytes(self) -> int:
+        """About what a checkpoint takes on disk, for the message of a full disk: the student's fp32 weights about
+        eight times over (DeepSpeed's module and master weights and Adam's two moments, the name-keyed copy, the
+        teacher)."""
+        return 8 * 4 * sum(int(getattr(p, "ds_numel", p.numel())) for p in self.student.parameters())
+
     def save(self, run_dir: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
         staging = stage_checkpoint_dir(run_dir, step, self)
+        self._write_failures.clear()
         self.engine.save_checkpoint(str(staging), tag=NATIVE_SUBDIR, client_state={}, save_latest=False)
+        error: Exception | None = self._write_failures[0] if self._write_failures else None
         portable = self._portable_state() if self.zero_stage <= 2 else None  # a collective: every rank joins
-        if self.is_main_process():
-            atomic_torch_save(state, staging / layout.TRAINER_STATE_FILE)
-            if portable is not None:
-                atomic_torch_save(portable, staging / layout.PORTABLE_STUDENT_FILE)
+        if self.is_main_process() and error is None:
+            try:
+                atomic_torch_save(state, staging / layout.TRAINER_STATE_FILE)
+                if portable is not None:
+                    atomic_torch_save(portable, staging / layout.PORTABLE_STUDENT_FILE)
+            except Exception as caught:  # WriteFailed on a full disk
+                error = caught
+        settle_writes(self, staging, error)  # any rank failed: the staging folder goes, every rank raises
         return commit_checkpoint_dir(run_dir, step, staging, self, keep_last)
 
     def _partitioned(self) -> bool:
@@ -209,26 +280,47 @@ class DeepSpeedBackend(Backend):
 
     def load(self, path: Path) -> dict[str, Any]:
         state = read_trainer_state(path)
-        saved_world = int(state.get("data_position", {}).get("world_size", -1))
-        saved_stage = int(state.get("config", {}).get("deepspeed", {}).get("zero_optimization", {}).get("stage", 0))
+        position = state.get("data_position")
+        saved_world = int(position.get("world_size", -1)) if isinstance(position, dict) else -1
+        saved_stage = _zero_stage_of(state)
         native = path / NATIVE_SUBDIR
         if native.is_dir() and saved_world == self.world_size and saved_stage == self.zero_stage:
-            loaded, _ = self.engine.load_checkpoint(
-                str(path), tag=NATIVE_SUBDIR, load_optimizer_states=True, load_lr_scheduler_states=False
-            )
-            if loaded is None:
-                raise CheckpointError(f"{native}: DeepSpeed could not read this checkpoint")
+            self._load_native(path)
             return state
-        portable = portable_student_state(path)
+        portable = split_single_file(state) if path.is_file() else portable_student_state(path)
+        if portable is None and native.is_dir() and saved_stage <= 2 and state.get("backend") == "deepspeed":
+            raise missing_portable_state(path, state)
         if portable is None or self.zero_stage == 3:
-            raise CheckpointError(
+            raise IncompatibleCheckpoint(
                 f"{path} was written by {saved_world} process(es) with ZeRO stage {saved_stage}; this run has "
                 f"{self.world_size} with stage {self.zero_stage}. Resume ZeRO-3 checkpoints on the same number of "
                 "processes and stage; ZeRO 0-2, DDP and local checkpoints resume on any process count"
             )
         log.info("resuming %s through its name-keyed copy (process count or ZeRO stage changed)", path)
+        check_portable_state(self.student, portable, path)  # before anything is loaded
         self._load_portable(portable, path)
         return state
+
+    def _load_native(self, path: Path) -> None:
+        """DeepSpeed's own sharded files, same process count and stage. Every rank first checks a share of the files
+        for pickled code (reading only their pickles, not the tensors), and all of them refuse together: a file
+        that failed on one rank inside DeepSpeed's load would leave the others waiting in its collectives."""
+        native = path / NATIVE_SUBDIR
+        files = sorted(p for p in native.rglob("*") if p.is_file())
+        problem = next(filter(None, (_unsafe_problem(f) for f in files[self.rank :: self.world_size])), None)
+        problems = [p for p in self.gather_objects(problem) if p is not None]
+        if problems:
+            raise CheckpointError(problems[0])
+        try:
+            loaded, _ = self.engine.load_checkpoint(
+                str(path), tag=NATIVE_SUBDIR, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
+        except CheckpointError:
+            raise
+        except Exception as error:  # DeepSpeed raises assorted types for files that do not fit
+            raise CheckpointError(f"{native}: DeepSpeed could not read it: {one_line(error)}") from error
+        if loaded is None:
+            raise CheckpointError(f"{native}: DeepSpeed could not read this checkpoint")
 
     def _load_portable(self, portable: dict[str, Any], path: Path) -> None:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
@@ -263,14 +355,44 @@ def _cpu(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in state_dict.items()}
 
 
-def _weights_only_load(path: str, map_location: Any = None) -> Any:
-    """DeepSpeed's checkpoint engine unpickles with weights_only=False; ours allows tensors, containers and
-    DeepSpeed's two plain value classes that its files hold (the loss scaler and the ZeRO stage enum)."""
+def _zero_stage_of(state: dict[str, Any]) -> int:
+    config = state.get("config")
+    deepspeed = config.get("deepspeed") if isinstance(config, dict) else None
+    zero = deepspeed.get("zero_optimization") if isinstance(deepspeed, dict) else None
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    return stage if isinstance(stage, int) else -1
+
+
+def _safe_deepspeed_globals() -> list[Any]:
+    """The classes DeepSpeed 0.19 pickles into its checkpoint files besides tensors and containers, all plain values:
+    the loss scalers (attribute bags, rebuilt with __new__ + __dict__ update), the ZeRO stage enum (called with
+    its value) and fragment_address (a dataclass of two ints, in ZeRO-1/2 optimizer states). None defines
+    __setstate__ or __reduce__, so allowing them cannot run code."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum]):
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _unsafe_problem(path: Path) -> str | None:
+    """Why a DeepSpeed checkpoint file must not be loaded (globals outside the allowlist, not a torch zip file),
+    found without unpickling it; None when its pickle only names allowed classes."""
+    try:
+        with torch.serialization.safe_globals(_safe_deepspeed_globals()):
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as error:  # not a zip, no data.pkl, an opcode the scanner refuses: not loadable safely
+        return f"cannot read DeepSpeed checkpoint file {path}: {one_line(error)}"
+    if unsafe:
+        return f"refusing to load DeepSpeed checkpoint file {path}: it pickles {', '.join(sorted(unsafe)[:3])}"
+    return None
+
+
+def _weights_only_load(path: str, map_location: Any = None) -> Any:
+    """DeepSpeed's checkpoint engine unpickles with weights_only=False; ours allows tensors, containers and the few
+    plain value classes that DeepSpeed's files hold (`_safe_deepspeed_globals`)."""
+    with torch.serialization.safe_globals(_safe_deepspeed_globals()):
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
         except Exception as error:
-            raise CheckpointError(f"cannot read DeepSpeed checkpoint file {path}: {error}") from error
+            raise CheckpointError(f"cannot read DeepSpeed checkpoint file {path}: {one_line(error)}") from error

@@ -8,11 +8,18 @@ fp32, which is what the optimizer updates and what `student_weight_groups` gathe
 Checkpoints are folders: ``dcp/`` (torch.distributed.checkpoint, one file per rank plus metadata; DCP reshards on
 load, so a run may resume on another number of processes) beside ``trainer_state.pt``. Single-file checkpoints of the
 local / ddp backends, and folders with ``student_full.pt``, load too (full, name-keyed state, sharded on the fly).
+DCP's own reader unpickles its metadata with plain pickle and its planner the non-tensor values with
+weights_only=False; ours (SafeFileSystemReader, WeightsOnlyLoadPlanner) unpickle nothing but plain values.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import io
 import logging
+import pathlib
+import pickle
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +27,12 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystemReader, _StorageInfo
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -30,23 +43,30 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from torch.futures import Future
 
 from dino_scale import run_dir as layout
 from dino_scale.config import BatchPlan, TrainConfig
 from dino_scale.devices import resolve_device
-from dino_scale.errors import CheckpointError, Unavailable
-from dino_scale.io import atomic_torch_save
+from dino_scale.errors import CheckpointError, Unavailable, WriteFailed
+from dino_scale.io import atomic_torch_save, write_failure
 from dino_scale.train.backends.base import (
     Backend,
+    StepResult,
+    apply_if_finite,
+    check_portable_state,
     commit_checkpoint_dir,
     init_process_group,
     launch_environment,
     portable_student_state,
     read_trainer_state,
     require_launcher,
+    settle_writes,
+    split_single_file,
     stage_checkpoint_dir,
     sync_batch_norm,
 )
+from dino_scale.train.checkpoint import IncompatibleCheckpoint, one_line
 from dino_scale.train.optim import create_optimizer, set_hyperparameters
 
 log = logging.getLogger("dino_scale")
@@ -165,16 +185,18 @@ class FSDPBackend(Backend):
         self._module.set_requires_gradient_sync(sync_gradients)
         loss.backward()
 
-    def optimizer_step(self, lr: float, weight_decay: float, freeze_last_layer: bool) -> torch.Tensor:
+    def optimizer_step(
+        self, lr: float, weight_decay: float, freeze_last_layer: bool, flags: dict[str, torch.Tensor]
+    ) -> StepResult:
         assert self.optimizer is not None
         set_hyperparameters(self.optimizer, lr, weight_decay, freeze_last_layer)
         parameters = [p for p in self.student.parameters() if p.grad is not None]
         max_norm = self.cfg.clip_grad if self.cfg.clip_grad > 0 else float("inf")
         # On DTensor gradients the norm is global: local shard norms combined over the mesh.
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-        self.optimizer.step()
+        grad_norm = _full(torch.nn.utils.clip_grad_norm_(parameters, max_norm)).detach()
+        result = apply_if_finite(self, self.optimizer, grad_norm, flags, self.optimizer.step)
         self.optimizer.zero_grad(set_to_none=True)
-        return _full(grad_norm).detach()
+        return result
 
     @torch.no_grad()
     def student_weight_groups(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
@@ -193,47 +215,66 @@ class FSDPBackend(Backend):
             "model": get_model_state_dict(self.student),
             "optimizer": get_optimizer_state_dict(self.student, self.optimizer),
         }
-        dcp.save(sharded, checkpoint_id=staging / DCP_SUBDIR)  # every rank writes its shards; rank 0 the metadata
-        if self.is_main_process():
-            atomic_torch_save(state, staging / layout.TRAINER_STATE_FILE)
+        error: BaseException | None = None
+        try:  # every rank writes its shards, rank 0 the metadata; DCP raises the same CheckpointException on all
+            dcp.save(sharded, checkpoint_id=staging / DCP_SUBDIR)
+        except (Exception, CheckpointException) as caught:  # CheckpointException is a BaseException
+            error = _write_error(staging / DCP_SUBDIR, caught, self._checkpoint_bytes())
+        if self.is_main_process() and error is None:
+            try:
+                atomic_torch_save(state, staging / layout.TRAINER_STATE_FILE)
+            except Exception as caught:  # WriteFailed on a full disk
+                error = caught
+        settle_writes(self, staging, error)  # any rank failed: the staging folder goes, every rank raises
         return commit_checkpoint_dir(run_dir, step, staging, self, keep_last)
+
+    def _checkpoint_bytes(self) -> int:
+        """About what a checkpoint takes on disk (for a full disk's message): weights, Adam's two moments, teacher."""
+        return 4 * 4 * sum(p.numel() for p in self.student.parameters())
 
     def load(self, path: Path) -> dict[str, Any]:
         assert self.optimizer is not None
         path = Path(path)
+        state = read_trainer_state(path)
         if (path / DCP_SUBDIR).is_dir():
             self._load_sharded(path)
         else:
-            self._load_full(path)
-        return read_trainer_state(path)
+            self._load_full(path, state)
+        return state
 
     def _load_sharded(self, path: Path) -> None:
-        """DCP: each rank reads the slices its shards need, whatever process count wrote them."""
+        """DCP: each rank reads the slices its shards need, whatever process count wrote them. Nothing is unpickled
+        beyond plain values: the metadata through an allowlist of DCP's own classes, the tensors and the
+        optimizer's hyperparameters with torch's weights-only unpickler (see SafeFileSystemReader)."""
         assert self.optimizer is not None
         # The templates tell DCP which slices to read; they are overwritten in place.
         sharded = {
             "model": get_model_state_dict(self.student),
             "optimizer": get_optimizer_state_dict(self.student, self.optimizer),
         }
-        # Trust note: DCP's FileSystemReader unpickles the `.metadata` file itself (plain pickle, in torch); tensor
-        # data is read with torch.load(weights_only=True) or as raw bytes. Only point this at checkpoints you wrote.
+        reader = SafeFileSystemReader(path / DCP_SUBDIR)
+        reader.read_metadata()  # every rank: refused or unreadable metadata stops all of them with one clear line
         try:
-            dcp.load(sharded, checkpoint_id=path / DCP_SUBDIR)
-        except Exception as error:  # DCP raises CheckpointException / RuntimeError on missing or mismatched keys
-            raise CheckpointError(f"{path}: cannot load the FSDP checkpoint: {error}") from error
+            dcp.load(sharded, storage_reader=reader, planner=WeightsOnlyLoadPlanner(reader))
+        except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
+            raise CheckpointError(f"{path}: cannot load the FSDP checkpoint: {one_line(error)}") from error
         set_model_state_dict(self.student, sharded["model"])
         set_optimizer_state_dict(self.student, self.optimizer, sharded["optimizer"])
 
-    def _load_full(self, path: Path) -> None:
+    def _load_full(self, path: Path, state: dict[str, Any]) -> None:
         """A name-keyed full student + optimizer state (local / ddp file, or a folder with student_full.pt)."""
         assert self.optimizer is not None
-        portable = portable_student_state(path) if path.exists() else None
-        if portable is None or "student" not in portable or "optimizer" not in portable:
-            raise CheckpointError(
+        portable = split_single_file(state) if path.is_file() else portable_student_state(path)
+        if portable is None:
+            writer = str(state.get("backend", "unknown"))
+            if writer == "fsdp":
+                raise CheckpointError(f"{path} has no {DCP_SUBDIR}/ folder, which backend=fsdp writes (damaged?)")
+            raise IncompatibleCheckpoint(
                 f"{path} is a checkpoint backend=fsdp cannot read (no {DCP_SUBDIR}/ folder, no "
                 f"{layout.PORTABLE_STUDENT_FILE} nor a single-file student state); resume it with "
-                f"backend={self._writer_of(path)}, which wrote it"
+                f"backend={writer}, which wrote it"
             )
+        check_portable_state(self.student, portable, path)  # before anything is loaded
         # Every rank reads the file (it must be visible to all of them anyway) and keeps only its own slices.
         options = StateDictOptions(full_state_dict=True, strict=True)
         try:
@@ -241,15 +282,135 @@ class FSDPBackend(Backend):
             set_optimizer_state_dict(self.student, self.optimizer, portable["optimizer"], options=options)
         except (RuntimeError, KeyError, ValueError) as error:
             raise CheckpointError(
-                f"{path}: its student / optimizer state does not fit this model and optimizer: {error}"
+                f"{path}: its student / optimizer state does not fit this model and optimizer: {one_line(error)}"
             ) from error
         if portable.get("grad_scaler"):
             log.warning("%s: ignoring its fp16 loss-scaler state (backend=fsdp trains in bf16 or fp32)", path)
 
-    @staticmethod
-    def _writer_of(path: Path) -> str:
-        """The backend named in a checkpoint's trainer state, or a hint when it cannot be read."""
+
+# --- reading DCP checkpoints without unpickling code -------------------------------------------------------------
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's `.metadata` (written with plain pickle, protocol 4, which torch's weights-only unpickler does not
+    read) allowing only the classes DCP puts there: its metadata dataclasses and enum, torch.Size, dtypes and layouts,
+    and paths. They are plain values: their constructors and `__setstate__` only store what they are given."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _metadata_globals()
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in DCP metadata")
+        return allowed[(module, name)]
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("persistent ids are not allowed in DCP metadata")
+
+
+@functools.cache
+def _metadata_globals() -> dict[tuple[str, str], Any]:
+    from torch.distributed.checkpoint import metadata
+
+    classes = (
+        metadata.Metadata,
+        metadata.TensorStorageMetadata,
+        metadata.BytesStorageMetadata,
+        metadata.ChunkStorageMetadata,
+        metadata.TensorProperties,
+        metadata.StorageMeta,
+        metadata.MetadataIndex,
+        metadata._MEM_FORMAT_ENCODING,
+        _StorageInfo,
+        pathlib.PosixPath,
+        pathlib.PurePosixPath,
+    )
+    allowed: dict[tuple[str, str], Any] = {(c.__module__, c.__qualname__): c for c in classes}
+    allowed[("torch", "Size")] = torch.Size
+    allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
+    for name in dir(torch):
+        value = getattr(torch, name, None)
+        if isinstance(value, (torch.dtype, torch.layout)):
+            allowed[("torch", name)] = value
+    return allowed
+
+
+def _plain_file_name(name: Any) -> bool:
+    return isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """torch's FileSystemReader, except that nothing it reads can run code: the metadata is unpickled through an
+    allowlist (torch's own reader uses plain pickle), its storage entries may only name files in the folder, and a
+    file that fails is named in the error."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = Path(self._get_metadata_path(kwargs.get("rank")))
         try:
-            return str(read_trainer_state(path).get("backend", "unknown"))
-        except (OSError, CheckpointError):
-            return "<unknown: no readable trainer_state.pt>"
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except FileNotFoundError as error:
+            raise CheckpointError(f"{path} is missing") from error
+        except Exception as error:
+            raise CheckpointError(f"refusing to read {path}: {one_line(error)}") from error
+        if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+            raise CheckpointError(f"{path} does not hold DCP checkpoint metadata")
+        for info in metadata.storage_data.values():
+            if not isinstance(info, _StorageInfo) or not _plain_file_name(info.relative_path):
+                raise CheckpointError(f"{path} names a data file outside its folder or a malformed entry")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        by_file: dict[str, list[Any]] = {}
+        for item in plan.items:
+            by_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+        for name, items in by_file.items():  # one file at a time, so that an error can name it
+            try:
+                super().read_data(dataclasses.replace(plan, items=items), planner).wait()
+            except CheckpointError:
+                raise
+            except Exception as error:
+                raise CheckpointError(f"cannot read {Path(self.path) / name}: {one_line(error)}") from error
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
+
+
+class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner, except that non-tensor values (the optimizer's hyperparameters) are unpickled with
+    torch's weights-only unpickler; the default planner calls torch.load(weights_only=False) on them."""
+
+    def __init__(self, reader: SafeFileSystemReader) -> None:
+        super().__init__()
+        self.reader = reader
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, map_location="cpu", weights_only=True)
+        except Exception as error:
+            info = self.reader.storage_data.get(read_item.storage_index)
+            where = Path(self.reader.path) / info.relative_path if info is not None else Path(self.reader.path)
+            raise CheckpointError(
+                f"refusing to unpickle {read_item.dest_index.fqn} in {where}: {one_line(error)}"
+            ) from error
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def _write_error(path: Path, error: BaseException, needed: int) -> BaseException:
+    """A failed dcp.save as one line: WriteFailed when an OSError (a full disk) is behind it on any rank."""
+    pending = [error]
+    while pending:
+        current = pending.pop()
+        if isinstance(current, WriteFailed):
+            return current
+        if isinstance(current, OSError):
+            return write_failure(path, current, needed)
+        failures = getattr(current, "failures", None)
+        if isinstance(failures, dict):
+            pending.extend(inner for inner, _ in failures.values() if isinstance(inner, BaseException))
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return CheckpointError(f"cannot write {path}: {one_line(error)}")

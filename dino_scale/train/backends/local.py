@@ -15,16 +15,23 @@ from torch.nn.parallel import DistributedDataParallel
 from dino_scale import run_dir as layout
 from dino_scale.config import BatchPlan, TrainConfig
 from dino_scale.devices import resolve_device
-from dino_scale.errors import CheckpointError, Unavailable
+from dino_scale.errors import Unavailable
+from dino_scale.io import load_checkpoint
 from dino_scale.train.backends.base import (
     Backend,
+    StepResult,
+    agree,
+    apply_if_finite,
+    check_portable_state,
     init_process_group,
     launch_environment,
     load_named_optimizer_state,
+    missing_portable_state,
     named_optimizer_state,
     portable_student_state,
     read_trainer_state,
     require_launcher,
+    split_single_file,
     sync_batch_norm,
 )
 from dino_scale.train.checkpoint import save_checkpoint
@@ -59,17 +66,19 @@ class LocalBackend(Backend):
     def backward(self, loss: torch.Tensor, sync_gradients: bool) -> None:
         self.scaler.scale(loss).backward()
 
-    def optimizer_step(self, lr: float, weight_decay: float, freeze_last_layer: bool) -> torch.Tensor:
+    def optimizer_step(
+        self, lr: float, weight_decay: float, freeze_last_layer: bool, flags: dict[str, torch.Tensor]
+    ) -> StepResult:
         assert self.optimizer is not None
         set_hyperparameters(self.optimizer, lr, weight_decay, freeze_last_layer)
         self.scaler.unscale_(self.optimizer)
         parameters = [p for p in self.student.parameters() if p.grad is not None]
         max_norm = self.cfg.clip_grad if self.cfg.clip_grad > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-        self.scaler.step(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm).detach()
+        result = apply_if_finite(self, self.optimizer, grad_norm, flags, lambda: self.scaler.step(self.optimizer))
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm.detach()
+        return result
 
     def student_weight_groups(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
         # Replicated fp32 weights (autocast never changes parameter dtype): one group, no copies.
@@ -78,28 +87,35 @@ class LocalBackend(Backend):
     def save(self, run_dir: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
         assert self.optimizer is not None
         path = layout.checkpoint_path(run_dir, step, folder=False)
+        error: Exception | None = None
         if self.is_main_process():
             full_state = dict(state)
             full_state["student"] = self.student.state_dict()
             full_state["optimizer"] = named_optimizer_state(self.student, self.optimizer)
             full_state["grad_scaler"] = self.scaler.state_dict()
-            path = save_checkpoint(run_dir, step, full_state, keep_last=keep_last)
-        self.barrier()
+            try:
+                path = save_checkpoint(run_dir, step, full_state, keep_last=keep_last)
+            except Exception as caught:  # a full disk (WriteFailed): every rank stops with it
+                error = caught
+        agree(self, error)  # also the barrier: no rank runs ahead of the checkpoint
         return path
 
     def load(self, path: Path) -> dict[str, Any]:
         assert self.optimizer is not None
-        portable = portable_student_state(path)
+        if path.is_dir():
+            state = read_trainer_state(path)
+            portable = portable_student_state(path)
+        else:  # one file holds both: read it once
+            state = load_checkpoint(path)
+            portable = split_single_file(state)
         if portable is None:
-            raise CheckpointError(
-                f"{path} holds a sharded checkpoint without {layout.PORTABLE_STUDENT_FILE}: resume it with the backend "
-                "that wrote it (see config.json in the run directory)"
-            )
+            raise missing_portable_state(path, state)
+        check_portable_state(self.student, portable, path)  # before anything is loaded
         self.student.load_state_dict(portable["student"])
         load_named_optimizer_state(self.student, self.optimizer, portable["optimizer"], path)
         if portable.get("grad_scaler"):
             self.scaler.load_state_dict(portable["grad_scaler"])
-        return read_trainer_state(path)
+        return state
 
 
 class DDPBackend(LocalBackend):

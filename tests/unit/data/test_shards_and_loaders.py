@@ -21,7 +21,8 @@ from dino_scale.data import loaders, shards
 from dino_scale.data.decode import decode_image
 from dino_scale.data.items import list_labelled
 from dino_scale.data.loaders import TrainBatch, iterate_crops, make_train_loader
-from dino_scale.data.shards import count_samples, expand_shards, write_shards
+from dino_scale.data.shards import count_samples, expand_shards, survey_shards, write_shards
+from dino_scale.errors import InputError
 
 CLASSES = ["alpha", "beta", "delta", "gamma"]  # sorted, as write_shards orders them
 PER_CLASS = 8
@@ -150,6 +151,7 @@ def _assert_same(a: list[TrainBatch], b: list[TrainBatch]) -> None:
     for x, y in zip(a, b, strict=True):
         assert x.keys == y.keys
         assert x.skipped == y.skipped
+        assert x.skipped_shards == y.skipped_shards
         assert len(x.views) == len(y.views)
         for vx, vy in zip(x.views, y.views, strict=True):
             assert vx.dtype == vy.dtype and torch.equal(vx, vy)
@@ -300,9 +302,16 @@ def test_count_samples(dataset: dict, tmp_path: Path) -> None:
     assert count_samples(bare_urls) == N_GOOD
     assert count_samples([str(dataset["extra"] / "extra-000000.tar")]) == 8  # corrupt ones are samples too
 
-    # shards.json is trusted for what it lists (a fake number proves it is read) and the rest is scanned.
+    # shards.json is trusted for what it lists when the shard passes the cheap checks (a fake but plausible number
+    # proves it is read without a header walk) and the rest is scanned.
+    plausible = (bare / "shard-000000.tar").stat().st_size // 1024
+    assert plausible > 8
+    (bare / "shards.json").write_text(json.dumps({"shards": {"shard-000000.tar": plausible}, "total": plausible}))
+    assert count_samples(bare_urls) == plausible + 24
+    # A count the file cannot hold is checked against the headers, and blamed on shards.json.
     (bare / "shards.json").write_text(json.dumps({"shards": {"shard-000000.tar": 1000}, "total": 1000}))
-    assert count_samples(bare_urls) == 1000 + 24
+    with pytest.raises(InputError, match=r"shards\.json: shard 'shard-000000\.tar' is listed with 1000 .* holds 8"):
+        count_samples(bare_urls)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -494,13 +503,50 @@ def test_damaged_tar_is_read_up_to_the_damage(dataset: dict, tmp_path: Path) -> 
     raw = Path(dataset["urls"][0]).read_bytes()
     cut = tmp_path / "cut.tar"
     cut.write_bytes(raw[: len(raw) // 2])  # a shard truncated mid-way (e.g. an interrupted copy)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a cut inside a member is reported as damaged tar data
-        batches = make_eval_loader([str(cut), dataset["urls"][1]], batch_size=64)
-        n = sum(len(labels) for _, labels in batches)
-        assert 8 < n < 16  # the intact samples of the cut shard, then all of the next shard
-        train = _batches([str(cut)], batch_size=4, steps_per_epoch=3)  # repeats what is readable, no crash
+    batches = make_eval_loader([str(cut), dataset["urls"][1]], batch_size=64)
+    n = sum(len(labels) for _, labels in batches)
+    assert 8 < n < 16  # the intact samples of the cut shard, then all of the next shard
+    train = _batches([str(cut)], batch_size=4, steps_per_epoch=3)  # repeats what is readable, no crash
     assert len(train) == 3
+    assert [b.skipped_shards for b in train] == [[str(cut)], [], []]  # once, though every batch passes over it
+
+
+def test_raw_samples_report_damage_once_per_shard(dataset: dict, tmp_path: Path) -> None:
+    raw = Path(dataset["urls"][0]).read_bytes()
+    with tarfile.open(dataset["urls"][0]) as tar:
+        members = tar.getmembers()
+    cuts = {
+        "mid-member": members[5].offset_data + 10,
+        "boundary": members[6].offset,  # tarfile alone reads this as a complete archive of 6 members
+        "mid-header": members[6].offset + 100,
+    }
+    reports: list[tuple[str, str]] = []
+    for name, cut in cuts.items():
+        (tmp_path / f"{name}.tar").write_bytes(raw[:cut])
+    (tmp_path / "empty.tar").write_bytes(b"")
+    urls = [str(tmp_path / f"{name}.tar") for name in (*cuts, "empty")] + [dataset["urls"][1]]
+    samples = list(shards.iter_raw_samples(urls, lambda url, reason: reports.append((url, reason))))
+    assert [url for url, _ in reports] == urls[:4]
+    assert "end-of-archive" in reports[1][1] and "inside a member header" in reports[2][1] and "empty" in reports[3][1]
+    whole = [s for s in samples if s["__url__"] == dataset["urls"][1]]
+    assert len(whole) == 8
+    assert all(len(s) > 2 for s in samples)  # members before the damage, grouped into samples as usual
+    with pytest.raises(FileNotFoundError):  # a missing shard is a configuration error, not damage
+        list(shards.iter_raw_samples([str(tmp_path / "gone.tar")], lambda url, reason: None))
+
+
+def test_train_batch_pin_memory_keeps_the_reports() -> None:
+    class Pinnable:
+        def pin_memory(self) -> str:
+            return "pinned"
+
+    batch = TrainBatch([Pinnable()], ["a", "a"], ["b"], ["bad.tar"]).pin_memory()  # type: ignore[list-item]
+    assert (batch.views, batch.keys, batch.skipped, batch.skipped_shards) == (
+        ["pinned"],
+        ["a", "a"],
+        ["b"],
+        ["bad.tar"],
+    )
 
 
 def test_eval_loader_needs_labels(tmp_path: Path) -> None:
@@ -510,7 +556,7 @@ def test_eval_loader_needs_labels(tmp_path: Path) -> None:
         make_eval_loader([str(tmp_path / "u.tar")], batch_size=2)
 
 
-def test_sample_dataset_in_repo() -> None:
+def test_sample_dataset_in_repo(tmp_path: Path) -> None:
     """The committed sample shards are complete and consistent with their index files."""
     root = REPO / "shards" / "sample"
     if not root.is_dir():
@@ -519,7 +565,11 @@ def test_sample_dataset_in_repo() -> None:
         urls = expand_shards(str(root / split))
         index = json.loads((root / split / "shards.json").read_text())
         assert sorted(Path(u).name for u in urls) == sorted(index["shards"])
-        assert sum(shards._scan_count(u) for u in urls) == index["total"]
+        survey = survey_shards(urls)
+        assert survey.samples == index["total"] and survey.urls == urls and not survey.skipped
+        # Counted from the tar headers alone (no shards.json beside the copies), the total is the same.
+        shutil.copytree(root / split, tmp_path / split, ignore=shutil.ignore_patterns("shards.json"))
+        assert survey_shards(expand_shards(str(tmp_path / split))).samples == index["total"]
         classes = json.loads((root / split / "classes.json").read_text())
         assert len(classes) >= 5
         with tarfile.open(urls[0]) as tar:

@@ -103,7 +103,7 @@ def test_frozen_last_layer_gets_no_update_but_the_rest_does() -> None:
     def step(freeze: bool) -> tuple[torch.Tensor, torch.Tensor]:
         before = last_layer.detach().clone(), first_mlp.detach().clone()
         backend.backward(student([torch.randn(4, 3, 32, 32)]).pow(2).sum(), sync_gradients=True)
-        backend.optimizer_step(lr=1e-2, weight_decay=0.04, freeze_last_layer=freeze)
+        backend.optimizer_step(lr=1e-2, weight_decay=0.04, freeze_last_layer=freeze, flags={})
         return before
 
     last_before, mlp_before = step(freeze=True)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 
@@ -218,10 +219,12 @@ def test_saved_file_respects_umask(tmp_path):
     assert stat.S_IMODE((tmp_path / "index.faiss").stat().st_mode) == 0o644
 
 
-def _fail_midway(index, filename):
-    with open(filename, "wb") as handle:
-        handle.write(b"partial")
-    raise RuntimeError("disk full")
+_write_index = faiss.write_index
+
+
+def _fail_midway(index, writer):
+    _write_index(index, writer)  # the bytes are in the temporary file...
+    raise RuntimeError("disk full")  # ...then faiss fails
 
 
 def _fail_replace(src, dst):
@@ -305,3 +308,38 @@ def test_search_rejects_bad_queries_and_k(built):
         vi.search(built["flat"], np.full((1, 64), np.nan, np.float32), 5)
     with pytest.raises(ValueError, match="k must be"):
         vi.search(built["flat"], random_unit(1, 64), 0)
+
+
+@pytest.fixture
+def file_size_limit():
+    """``limit(n)``: writes past n bytes in any file fail with EFBIG, as writes on a full disk fail with ENOSPC (this
+    process only; restored afterwards). Set it just around the write under test."""
+    resource = pytest.importorskip("resource")
+    import signal
+
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    yield lambda n: resource.setrlimit(resource.RLIMIT_FSIZE, (n, hard))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_write_that_runs_out_of_space_is_one_write_failed_naming_the_path(tmp_path, file_size_limit):
+    """faiss's own FILE* writer reports a failed write late or never (a truncated file); save_index writes through
+    Python, so the OSError surfaces at once and becomes WriteFailed, and the previous file stays."""
+    from dino_scale.errors import WriteFailed
+
+    path = tmp_path / "index.faiss"
+    vi.save_index(vi.build_index(random_unit(10, 8), "flat"), path)
+    previous = path.read_bytes()
+    big = vi.build_index(random_unit(2000, 64, seed=1), "flat")  # 512 KiB
+    file_size_limit(64 * 1024)
+    try:
+        with pytest.raises(WriteFailed, match=r"cannot write .*index\.faiss: File too large") as caught:
+            vi.save_index(big, path)
+    finally:
+        file_size_limit(-1)
+    assert "\n" not in str(caught.value)
+    assert path.read_bytes() == previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.faiss"]
+    assert vi.save_index(big, path) == hashlib.sha256(path.read_bytes()).hexdigest()  # returns the file's sha256
