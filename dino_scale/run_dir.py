@@ -27,9 +27,13 @@ from __future__ import annotations
 import json
 import logging
 import re
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dino_scale.errors import NotFound
+from dino_scale.io import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -192,3 +196,166 @@ def folder_checkpoint_file(folder: Path, which: str) -> Path:
         )
         raise NotFound(f"{folder} has no {name}{hint}")
     return folder / name
+
+
+# --- checking a checkpoint against its manifest (training writes the manifests: dino_scale.train.checkpoint) ------
+
+MANIFEST_FORMAT = "dino-scale checkpoint manifest"
+MANIFEST_VERSION = 1
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _reason(error: BaseException) -> str:
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
+def checkpoint_files(folder: Path) -> list[str]:
+    """The files of a folder checkpoint (what its manifest lists): every file under it but the manifest, as sorted
+    paths relative to the folder."""
+    return sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if (p.is_file() or p.is_symlink()) and p.relative_to(folder).as_posix() != MANIFEST_FILE
+    )
+
+
+def _root_and_expected(checkpoint: Path) -> tuple[Path, list[str] | None]:
+    """Where a checkpoint's manifest names are relative to, and the names it must list (None: a folder's files)."""
+    if checkpoint.name.endswith(".pt"):
+        return checkpoint.parent, [checkpoint.name]
+    return checkpoint, None
+
+
+def _safe_name(root: Path, name: Any) -> bool:
+    """A relative name that stays inside ``root`` (no absolute path, no `..`, no link leading out)."""
+    if not isinstance(name, str) or not name or name.startswith("/") or "\\" in name or "\x00" in name:
+        return False
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        return False
+    try:
+        (root / name).resolve().relative_to(root.resolve())
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def read_manifest(checkpoint: Path) -> tuple[dict[str, dict[str, Any]] | None, str | None]:
+    """(the manifest's file entries, None), (None, None) when the checkpoint has no manifest (written before
+    manifests existed), or (None, what is wrong with it)."""
+    path = manifest_path(checkpoint)
+    if not path.exists():
+        return None, None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        return None, f"its manifest {path} cannot be read ({_reason(error)})"
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        return None, f"{path} is not a dino-scale checkpoint manifest"
+    version = manifest.get("version")
+    if not isinstance(version, int) or version > MANIFEST_VERSION:
+        return None, f"{path} has manifest version {version!r}; this dino-scale reads version {MANIFEST_VERSION}"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return None, f"{path} lists no files"
+    root, _ = _root_and_expected(checkpoint)
+    for name, entry in files.items():
+        if not _safe_name(root, name):
+            return None, f"{path} names {name!r}, a path outside {root}"
+        ok = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("bytes"), int)
+            and not isinstance(entry.get("bytes"), bool)
+            and isinstance(entry.get("sha256"), str)
+            and _SHA256_RE.match(entry["sha256"])
+        )
+        if not ok:
+            return None, f"{path} has a malformed entry for {name!r}"
+    return files, None
+
+
+def check_files(checkpoint: Path, entries: dict[str, dict[str, Any]]) -> str | None:
+    """What is wrong with a checkpoint's files by its manifest's names and sizes (cheap: no reading), or None."""
+    manifest = manifest_path(checkpoint)
+    root, expected = _root_and_expected(checkpoint)
+    listed = set(entries)
+    if expected is not None:
+        if set(expected) != listed:
+            return f"{manifest} does not list {checkpoint.name} (it lists {sorted(listed)[:3]})"
+    else:
+        unlisted = sorted(set(checkpoint_files(checkpoint)) - listed)
+        if unlisted:
+            return f"{checkpoint / unlisted[0]} is not in its manifest"
+    for name in sorted(listed):
+        path = root / name
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != entries[name]["bytes"]:
+            return f"{path} has {size} bytes, its manifest says {entries[name]['bytes']} (truncated or overwritten)"
+    return None
+
+
+def check_hashes(checkpoint: Path, entries: dict[str, dict[str, Any]], names: list[str]) -> str | None:
+    """The first of ``names`` whose sha256 differs from the manifest's, as a reason, or None."""
+    root, _ = _root_and_expected(checkpoint)
+    for name in names:
+        path = root / name
+        try:
+            actual = file_sha256(path)
+        except OSError as error:
+            return f"{path} cannot be read ({_reason(error)})"
+        if actual != entries[name]["sha256"]:
+            return f"{path} does not match the sha256 in its manifest (damaged)"
+    return None
+
+
+def _check_zip_crcs(checkpoint: Path, names: list[str]) -> str | None:
+    """For checkpoints without a manifest: the CRC32 of every member of the torch (zip) files among ``names``."""
+    root, _ = _root_and_expected(checkpoint)
+    for name in names:
+        path = root / name
+        if not zipfile.is_zipfile(path):
+            continue
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (OSError, zipfile.BadZipFile, EOFError, ValueError) as error:
+            return f"{path} is not a readable torch file ({_reason(error)})"
+        if bad is not None:
+            return f"{path}: its member {bad} fails its CRC check (damaged)"
+    return None
+
+
+def quick_problem(checkpoint: Path) -> str | None:
+    """What is visibly wrong with a checkpoint without reading its data (manifest, names, sizes), or None. A
+    checkpoint without a manifest passes (it predates them)."""
+    entries, problem = read_manifest(checkpoint)
+    if problem is not None or entries is None:
+        return problem
+    return check_files(checkpoint, entries)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    problem: str | None  # None: the checkpoint may be loaded
+    verified: bool  # False: it has no manifest, so nothing could be verified
+
+
+def verify(checkpoint: Path, rank: int = 0, world_size: int = 1) -> Verdict:
+    """Check a checkpoint against its manifest before loading it. With several processes each hashes its share of
+    the files (rank ``rank`` of ``world_size``); the caller combines their verdicts."""
+    if not checkpoint.exists():
+        return Verdict(f"{checkpoint} is missing", False)
+    entries, problem = read_manifest(checkpoint)
+    if problem is not None:
+        return Verdict(problem, True)
+    if entries is None:
+        root, expected = _root_and_expected(checkpoint)
+        names = expected if expected is not None else checkpoint_files(checkpoint)
+        if expected is None and not names:
+            return Verdict(f"{checkpoint} is an empty folder", False)
+        return Verdict(_check_zip_crcs(checkpoint, names[rank::world_size]), False)
+    problem = check_files(checkpoint, entries)
+    if problem is None:
+        problem = check_hashes(checkpoint, entries, sorted(entries)[rank::world_size])
+    return Verdict(problem, True)

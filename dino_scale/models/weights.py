@@ -22,7 +22,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from dino_scale import run_dir as layout
-from dino_scale.errors import ConfigError, InputError, NotFound
+from dino_scale.errors import CheckpointError, ConfigError, InputError, NotFound
 from dino_scale.io import file_sha256, is_safetensors_file, load_safetensors, load_torch, safetensors_metadata
 from dino_scale.models.backbones import create_backbone, is_vit_arch, patch_size_of
 
@@ -154,6 +154,28 @@ def _file_of_run(run: Path, which: str) -> Path:
     )
 
 
+def _check_against_manifest(path: Path) -> None:
+    """A file of one of our checkpoints is checked against the checkpoint's manifest (size and sha256) before it is
+    read, so damaged weights are never exported or evaluated. Checkpoints written before manifests pass."""
+    if layout.STEP_NAME_RE.match(path.name):
+        checkpoint, name = path, path.name
+    elif layout.STEP_NAME_RE.match(path.parent.name):
+        checkpoint, name = path.parent, path.name
+    else:
+        return
+    entries, problem = layout.read_manifest(checkpoint)
+    if entries is None and problem is None:
+        return
+    if problem is None and entries is not None:
+        if name not in entries:
+            problem = f"{layout.manifest_path(checkpoint)} does not list {name}"
+        else:
+            problem = layout.check_files(checkpoint, {name: entries[name]}) if checkpoint is path else None
+            problem = problem or layout.check_hashes(checkpoint, entries, [name])
+    if problem is not None:
+        raise CheckpointError(f"{path} cannot be trusted: {problem}; use another checkpoint of the run")
+
+
 def load_source(source: str | Path, which: str = "teacher") -> BackboneSource:
     """Read backbone weights (timm key names, head dropped) from any supported source, with the architecture where
     the source records it (a run's config.json, our checkpoint's config, safetensors metadata, official args).
@@ -181,6 +203,7 @@ def load_source(source: str | Path, which: str = "teacher") -> BackboneSource:
         path = layout.folder_checkpoint_file(path, which)
     if run_name is None:
         run_name = layout.run_name_of_checkpoint(path)
+    _check_against_manifest(path)
 
     if is_safetensors_file(path):
         metadata = safetensors_metadata(path)

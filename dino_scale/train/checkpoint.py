@@ -24,17 +24,12 @@ checkpoint just written, and counts only intact checkpoints, so damaged ones nev
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import operator
 import os
-import re
 import shutil
-import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,13 +38,10 @@ from torch import nn
 
 from dino_scale import run_dir as layout
 from dino_scale.errors import CheckpointError, ConfigError, IncompatibleCheckpoint, InputError, WriteFailed
-from dino_scale.io import TMP_SUFFIX, atomic_torch_save, atomic_write_json, fsync_dir, write_failure
+from dino_scale.io import TMP_SUFFIX, atomic_torch_save, atomic_write_json, file_sha256, fsync_dir, write_failure
 
 log = logging.getLogger("dino_scale")
 
-MANIFEST_FORMAT = "dino-scale checkpoint manifest"
-MANIFEST_VERSION = 1
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # A reason quoted in a warning or in the final error is cut here, so that the error stays one readable line.
 _REASON_CHARS = 400
 _LISTED = 5  # checkpoints named in the final error (each one also had its warning)
@@ -102,24 +94,6 @@ def _check_weights_only_loadable(obj: Any, where: str) -> None:
 # --- manifests -------------------------------------------------------------------------------------------------
 
 
-def checkpoint_files(folder: Path) -> list[str]:
-    """The files of a folder checkpoint (what its manifest lists): every file under it but the manifest, as sorted
-    paths relative to the folder."""
-    return sorted(
-        p.relative_to(folder).as_posix()
-        for p in folder.rglob("*")
-        if (p.is_file() or p.is_symlink()) and p.relative_to(folder).as_posix() != layout.MANIFEST_FILE
-    )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def digest_files(root: Path, names: list[str], fsync: bool = False) -> dict[str, dict[str, Any]]:
     """{name: {"bytes", "sha256"}} of files under ``root``, read back from the disk (``fsync``: flush each first)."""
     entries = {}
@@ -128,156 +102,14 @@ def digest_files(root: Path, names: list[str], fsync: bool = False) -> dict[str,
         if fsync:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-        entries[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        entries[name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
     return entries
 
 
 def write_manifest(path: Path, step: int, entries: dict[str, dict[str, Any]]) -> None:
     """Write a manifest (atomically) at ``path`` (see the module docstring)."""
-    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "step": step, "files": entries}
+    manifest = {"format": layout.MANIFEST_FORMAT, "version": layout.MANIFEST_VERSION, "step": step, "files": entries}
     atomic_write_json(path, manifest, indent=1, sort_keys=True)
-
-
-def _root_and_expected(checkpoint: Path) -> tuple[Path, list[str] | None]:
-    """Where a checkpoint's manifest names are relative to, and the names it must list (None: a folder's files)."""
-    if checkpoint.name.endswith(".pt"):
-        return checkpoint.parent, [checkpoint.name]
-    return checkpoint, None
-
-
-def _safe_name(root: Path, name: Any) -> bool:
-    """A relative name that stays inside ``root`` (no absolute path, no `..`, no link leading out)."""
-    if not isinstance(name, str) or not name or name.startswith("/") or "\\" in name or "\x00" in name:
-        return False
-    if any(part in ("", ".", "..") for part in name.split("/")):
-        return False
-    try:
-        (root / name).resolve().relative_to(root.resolve())
-    except (ValueError, OSError):
-        return False
-    return True
-
-
-def read_manifest(checkpoint: Path) -> tuple[dict[str, dict[str, Any]] | None, str | None]:
-    """(the manifest's file entries, None), (None, None) when the checkpoint has no manifest (written before
-    manifests existed), or (None, what is wrong with it)."""
-    path = layout.manifest_path(checkpoint)
-    if not path.exists():
-        return None, None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        return None, f"its manifest {path} cannot be read ({one_line(error)})"
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        return None, f"{path} is not a dino-scale checkpoint manifest"
-    version = manifest.get("version")
-    if not isinstance(version, int) or version > MANIFEST_VERSION:
-        return None, f"{path} has manifest version {version!r}; this dino-scale reads version {MANIFEST_VERSION}"
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        return None, f"{path} lists no files"
-    root, _ = _root_and_expected(checkpoint)
-    for name, entry in files.items():
-        if not _safe_name(root, name):
-            return None, f"{path} names {name!r}, a path outside {root}"
-        ok = (
-            isinstance(entry, dict)
-            and isinstance(entry.get("bytes"), int)
-            and not isinstance(entry.get("bytes"), bool)
-            and isinstance(entry.get("sha256"), str)
-            and _SHA256_RE.match(entry["sha256"])
-        )
-        if not ok:
-            return None, f"{path} has a malformed entry for {name!r}"
-    return files, None
-
-
-def check_files(checkpoint: Path, entries: dict[str, dict[str, Any]]) -> str | None:
-    """What is wrong with a checkpoint's files by its manifest's names and sizes (cheap: no reading), or None."""
-    manifest = layout.manifest_path(checkpoint)
-    root, expected = _root_and_expected(checkpoint)
-    listed = set(entries)
-    if expected is not None:
-        if set(expected) != listed:
-            return f"{manifest} does not list {checkpoint.name} (it lists {sorted(listed)[:3]})"
-    else:
-        unlisted = sorted(set(checkpoint_files(checkpoint)) - listed)
-        if unlisted:
-            return f"{checkpoint / unlisted[0]} is not in its manifest"
-    for name in sorted(listed):
-        path = root / name
-        if not path.is_file():
-            return f"{path} is missing"
-        size = path.stat().st_size
-        if size != entries[name]["bytes"]:
-            return f"{path} has {size} bytes, its manifest says {entries[name]['bytes']} (truncated or overwritten)"
-    return None
-
-
-def check_hashes(checkpoint: Path, entries: dict[str, dict[str, Any]], names: list[str]) -> str | None:
-    """The first of ``names`` whose sha256 differs from the manifest's, as a reason, or None."""
-    root, _ = _root_and_expected(checkpoint)
-    for name in names:
-        path = root / name
-        try:
-            actual = _sha256(path)
-        except OSError as error:
-            return f"{path} cannot be read ({one_line(error)})"
-        if actual != entries[name]["sha256"]:
-            return f"{path} does not match the sha256 in its manifest (damaged)"
-    return None
-
-
-def _check_zip_crcs(checkpoint: Path, names: list[str]) -> str | None:
-    """For checkpoints without a manifest: the CRC32 of every member of the torch (zip) files among ``names``."""
-    root, _ = _root_and_expected(checkpoint)
-    for name in names:
-        path = root / name
-        if not zipfile.is_zipfile(path):
-            continue
-        try:
-            with zipfile.ZipFile(path) as archive:
-                bad = archive.testzip()
-        except (OSError, zipfile.BadZipFile, EOFError, ValueError) as error:
-            return f"{path} is not a readable torch file ({one_line(error)})"
-        if bad is not None:
-            return f"{path}: its member {bad} fails its CRC check (damaged)"
-    return None
-
-
-def quick_problem(checkpoint: Path) -> str | None:
-    """What is visibly wrong with a checkpoint without reading its data (manifest, names, sizes), or None. A
-    checkpoint without a manifest passes (it predates them)."""
-    entries, problem = read_manifest(checkpoint)
-    if problem is not None or entries is None:
-        return problem
-    return check_files(checkpoint, entries)
-
-
-@dataclass(frozen=True)
-class Verdict:
-    problem: str | None  # None: the checkpoint may be loaded
-    verified: bool  # False: it has no manifest, so nothing could be verified
-
-
-def verify(checkpoint: Path, rank: int = 0, world_size: int = 1) -> Verdict:
-    """Check a checkpoint against its manifest before loading it. With several processes each hashes its share of
-    the files (rank ``rank`` of ``world_size``); the caller combines their verdicts."""
-    if not checkpoint.exists():
-        return Verdict(f"{checkpoint} is missing", False)
-    entries, problem = read_manifest(checkpoint)
-    if problem is not None:
-        return Verdict(problem, True)
-    if entries is None:
-        root, expected = _root_and_expected(checkpoint)
-        names = expected if expected is not None else checkpoint_files(checkpoint)
-        if expected is None and not names:
-            return Verdict(f"{checkpoint} is an empty folder", False)
-        return Verdict(_check_zip_crcs(checkpoint, names[rank::world_size]), False)
-    problem = check_files(checkpoint, entries)
-    if problem is None:
-        problem = check_hashes(checkpoint, entries, sorted(entries)[rank::world_size])
-    return Verdict(problem, True)
 
 
 # --- resuming ------------------------------------------------------------------------------------------------------
@@ -330,7 +162,7 @@ def resume_newest(
     checkpoint_exception = _dcp_exception()
     tried: list[str] = []
     for path in candidates:
-        verdict = verify(path, rank, world_size)
+        verdict = layout.verify(path, rank, world_size)
         problems = [p for p in gather(verdict.problem) if p is not None]
         if problems:
             reason = problems[0]
@@ -410,12 +242,12 @@ def _prune(ckpt_dir: Path, keep: Path, keep_last: int) -> None:
     ``keep``) first; delete the rest, damaged ones included, and the debris of interrupted saves. Nothing is
     deleted when ``keep`` itself does not look intact."""
     if keep_last > 0:
-        problem = quick_problem(keep)
+        problem = layout.quick_problem(keep)
         if problem is not None:
             log.warning("not rotating checkpoints: the one just written does not look intact (%s)", problem)
             return
         others = [p for _, p in layout.step_checkpoints(ckpt_dir) if p != keep]
-        intact = [p for p in others if quick_problem(p) is None]
+        intact = [p for p in others if layout.quick_problem(p) is None]
         # Checkpoints above the new one (a timeline abandoned by resuming from an older step) go first.
         step = layout.step_of(keep)
         intact.sort(key=lambda p: (layout.step_of(p) < step, layout.step_of(p)))
@@ -466,7 +298,7 @@ def commit_checkpoint_dir(
     placed = False
     try:
         if digests is None:
-            digests = digest_files(staging, checkpoint_files(staging), fsync=True)
+            digests = digest_files(staging, layout.checkpoint_files(staging), fsync=True)
         write_manifest(layout.manifest_path(staging), layout.step_of(final), digests)
         for folder in (staging, *(p for p in staging.rglob("*") if p.is_dir())):
             fsync_dir(folder)

@@ -79,7 +79,7 @@ def plant_torch_file(path: Path, marker: Path) -> None:
 def rewrite_manifest(checkpoint_path: Path) -> None:
     manifest = layout.manifest_path(checkpoint_path)
     if checkpoint_path.is_dir():
-        root, names = checkpoint_path, checkpoint.checkpoint_files(checkpoint_path)
+        root, names = checkpoint_path, layout.checkpoint_files(checkpoint_path)
     else:
         root, names = checkpoint_path.parent, [checkpoint_path.name]
     checkpoint.write_manifest(manifest, layout.step_of(checkpoint_path), checkpoint.digest_files(root, names))
@@ -416,7 +416,7 @@ import json, sys
 from pathlib import Path
 from dino_scale.config import load_config
 from dino_scale.errors import WriteFailed
-from dino_scale.train import checkpoint
+from dino_scale.run_dir import verify
 from dino_scale.train.loop import train
 run_dir, sets = Path(sys.argv[1]), json.loads(sys.argv[2])
 try:
@@ -427,7 +427,7 @@ except WriteFailed as caught:
 directory = run_dir / "checkpoints"
 latest = directory / json.loads((directory / "latest.json").read_text())["file"]
 print(json.dumps({"error": error, "files": sorted(p.name for p in directory.iterdir()), "latest": latest.name,
-                  "verdict": checkpoint.verify(latest).problem}))
+                  "verdict": verify(latest).problem}))
 """
 
 
@@ -613,7 +613,7 @@ def test_full_disk_on_one_rank_stops_every_rank_with_one_line(two_process_faults
     directory = run_dir / "checkpoints"
     assert json.loads((directory / "latest.json").read_text())["step"] == 4
     assert sorted(p.name for p in directory.iterdir()) == ["latest.json", *(f"step_{s:08d}" for s in (1, 2, 3, 4))]
-    assert checkpoint.verify(directory / "step_00000004").problem is None
+    assert layout.verify(directory / "step_00000004").problem is None
     umask = os.umask(0)
     os.umask(umask)
     for path in (directory / "step_00000004").rglob("*"):  # the usual modes (0644 under umask 022), scripts aside

@@ -335,7 +335,7 @@ def commit_checkpoint_dir(run_dir: Path, step: int, staging: Path, backend: Back
     error: BaseException | None = None
     digests: dict[str, Any] = {}
     try:
-        names = checkpoint.checkpoint_files(staging)
+        names = layout.checkpoint_files(staging)
         digests = checkpoint.digest_files(staging, names[backend.rank :: backend.world_size], fsync=True)
     except OSError as caught:
         error = write_failure(staging, caught)

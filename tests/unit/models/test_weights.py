@@ -16,6 +16,7 @@ from support import same_tensors
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from dino_scale.errors import CheckpointError
 from dino_scale.io import save_safetensors
 from dino_scale.models.weights import extract_backbone_state_dict, load_backbone_weights
 from dino_scale.train.checkpoint import save_checkpoint
@@ -131,6 +132,21 @@ def test_backbone_only_official_pth(tmp_path: Path, wrap: Any) -> None:
     load_backbone_weights(fresh, weights, source=str(path))
     with torch.no_grad():
         assert torch.equal(fresh(images()), source(images()))
+
+
+def test_a_damaged_checkpoint_is_refused_not_exported(tmp_path: Path) -> None:
+    teacher = Wrapper(tiny_vit(seed=7))
+    run_dir = tmp_path / "run"
+    path = save_checkpoint(run_dir, 7, {"student": teacher.state_dict(), "teacher": teacher.state_dict(), "step": 7})
+    assert same_tensors(extract_backbone_state_dict(path), teacher.backbone.state_dict())
+    data = bytearray(path.read_bytes())
+    tensor_bytes = teacher.backbone.blocks[0].mlp.fc1.weight.detach().numpy().tobytes()
+    at = bytes(data).index(tensor_bytes[:64]) + 10  # inside a weight's stored bytes: the zip header stays valid
+    data[at] ^= 0x40
+    path.write_bytes(bytes(data))
+    for source in (path, run_dir):  # the checkpoint named, or found in its run directory
+        with pytest.raises(CheckpointError, match=r"cannot be trusted: .*does not match the sha256 in its manifest"):
+            extract_backbone_state_dict(source)
 
 
 def test_our_checkpoint_run_dir_and_safetensors(tmp_path: Path) -> None:

@@ -18,17 +18,11 @@ from support import same_tensors
 from torch import nn
 
 from dino_scale import run_dir as layout
-from dino_scale.errors import CheckpointError, ConfigError, WriteFailed
-from dino_scale.io import atomic_torch_save, load_checkpoint
-from dino_scale.run_dir import find_latest_checkpoint, resume_candidates
+from dino_scale.errors import CheckpointError, ConfigError, IncompatibleCheckpoint, WriteFailed
+from dino_scale.io import atomic_torch_save, file_sha256, load_checkpoint
+from dino_scale.run_dir import Verdict, find_latest_checkpoint, resume_candidates, verify
 from dino_scale.train import checkpoint
-from dino_scale.train.checkpoint import (
-    IncompatibleCheckpoint,
-    commit_checkpoint_dir,
-    resume_newest,
-    save_checkpoint,
-    verify,
-)
+from dino_scale.train.checkpoint import commit_checkpoint_dir, resume_newest, save_checkpoint
 
 
 def ckpt_files(run_dir: Path) -> set[str]:
@@ -64,13 +58,13 @@ def test_save_checkpoint_round_trip(tmp_path: Path, umask_022: None) -> None:
     assert loaded["step"] == 123 and loaded["config"] == {"a": [1]}
     # The manifest beside it records the file's size and sha256; the files get the usual modes.
     manifest = json.loads((tmp_path / "checkpoints" / "step_00000123.pt.manifest.json").read_text())
-    assert manifest["format"] == checkpoint.MANIFEST_FORMAT and manifest["step"] == 123
+    assert manifest["format"] == layout.MANIFEST_FORMAT and manifest["step"] == 123
     assert manifest["files"] == {
-        "step_00000123.pt": {"bytes": path.stat().st_size, "sha256": checkpoint._sha256(path)}
+        "step_00000123.pt": {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
     }
     for name in ckpt_files(tmp_path):
         assert stat.S_IMODE((tmp_path / "checkpoints" / name).stat().st_mode) == 0o644, name
-    assert verify(path) == checkpoint.Verdict(None, True)
+    assert verify(path) == Verdict(None, True)
 
 
 def _partial_torch_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
@@ -221,7 +215,7 @@ def test_folder_checkpoint_gets_a_manifest_and_replaces_the_same_step(tmp_path: 
     commit_checkpoint_dir(staged(tmp_path, 2, 1.0), final)
     manifest = json.loads((final / "manifest.json").read_text())
     assert sorted(manifest["files"]) == ["shards/rank0.pt", "trainer_state.pt"]
-    assert verify(final) == checkpoint.Verdict(None, True)
+    assert verify(final) == Verdict(None, True)
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in final.rglob("*") if p.is_file())
 
     commit_checkpoint_dir(staged(tmp_path, 2, 2.0), final)  # the same step again: replaced as a whole
@@ -274,7 +268,7 @@ def test_verify_names_what_is_wrong(tmp_path: Path) -> None:
 
     # Written before manifests: no manifest, nothing to verify against, but the zip CRCs still catch a flip.
     manifest.unlink()
-    assert verify(path) == checkpoint.Verdict(None, False)
+    assert verify(path) == Verdict(None, False)
     path.write_bytes(bytes(flipped))
     problem = verify(path).problem
     assert problem is not None and "CRC" in problem
