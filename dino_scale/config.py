@@ -52,6 +52,7 @@ RESERVED_TIMM_KWARGS = {
     "pretrained_cfg_overlay": "start from weights with model.init_backbone; timm never downloads here",
     "checkpoint_path": "start from weights with model.init_backbone",
     "cache_dir": "start from weights with model.init_backbone; timm never downloads here",
+    "pos_embed_interpolation": "set model.pos_embed_interpolation",
 }
 """timm.create_model arguments that model.timm_kwargs may not set, and what to do instead."""
 
@@ -82,6 +83,10 @@ class ModelConfig(_Strict):
     grad_checkpointing: bool = False
     """Recompute the student's backbone blocks in backward (timm's set_grad_checkpointing): less activation memory
     for about a third more compute; what lets ViT-B/8 fit a useful per-GPU batch."""
+    pos_embed_interpolation: Literal["official", "timm"] = "official"
+    """How a ViT's position embeddings reach another grid (local crops, other image sizes): "official" as the
+    official DINO code (bicubic, scale factor (n + 0.1) / sqrt(N), no antialias), or "timm" (timm's antialiased
+    bicubic resampling to the exact grid)."""
     init_backbone: str | None = None
     """Start student and teacher backbones from these weights: one of our runs / checkpoints / safetensors, or an
     official facebookresearch/dino checkpoint (full or backbone-only). The head starts fresh."""
@@ -146,6 +151,9 @@ class OptimConfig(_Strict):
     weight_decay_end: float = Field(0.4, ge=0.0, le=10.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     """SGD / LARS momentum (AdamW uses its default betas)."""
+    clip_mode: Literal["per_param", "global"] = "per_param"
+    """How `deepspeed.gradient_clipping` clips: "per_param" as the official code (each parameter's gradient to that
+    norm on its own), or "global" (the norm of all gradients together, torch's clip_grad_norm_)."""
     freeze_last_layer: float = Field(1, ge=0.0, le=MAX_EPOCHS)
     """Epochs during which the head's last layer gets no updates (stabilises the start of training)."""
 
@@ -156,6 +164,9 @@ class DinoConfig(_Strict):
     warmup_teacher_temp: float = Field(0.04, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)
     teacher_temp: float = Field(0.07, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)
     warmup_teacher_temp_epochs: float = Field(30, ge=0.0, le=MAX_EPOCHS)
+    teacher_temp_per: Literal["epoch", "step"] = "epoch"
+    """The teacher temperature's warmup moves once per epoch, as the official code (a linear ramp over
+    round(warmup_teacher_temp_epochs) epochs), or every optimizer step ("step")."""
     center_momentum: float = Field(0.9, ge=0.0, le=1.0)
     momentum_teacher: float = Field(0.996, ge=0.0, le=1.0)
     """Teacher EMA momentum at step 0; it follows a cosine to 1.0 at the last step."""

@@ -93,7 +93,9 @@ def build_student_teacher(cfg: ModelConfig) -> tuple[MultiCropWrapper, MultiCrop
 
     The teacher never receives gradients: it is updated only by the EMA of the student's weights.
     """
-    student_backbone = create_backbone(cfg.arch, cfg.drop_path_rate, **cfg.timm_kwargs)
+    student_backbone = create_backbone(
+        cfg.arch, cfg.drop_path_rate, pos_embed_interpolation=cfg.pos_embed_interpolation, **cfg.timm_kwargs
+    )
     embed_dim = student_backbone.num_features
     student = MultiCropWrapper(
         student_backbone,

@@ -24,7 +24,15 @@ from torch import nn
 from dino_scale import run_dir as layout
 from dino_scale.errors import CheckpointError, ConfigError, InputError, NotFound
 from dino_scale.io import file_sha256, is_safetensors_file, load_safetensors, load_torch, safetensors_metadata
-from dino_scale.models.backbones import create_backbone, is_vit_arch, patch_size_of
+from dino_scale.models.backbones import (
+    POS_EMBED_INTERPOLATION_ATTR,
+    POS_EMBED_INTERPOLATIONS,
+    create_backbone,
+    is_vit_arch,
+    official_layout_problem,
+    official_pos_embed,
+    patch_size_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +118,9 @@ class BackboneSource:
     which: str = "teacher"
     run_name: str | None = None
     step: int | None = None
+    pos_embed_interpolation: str | None = None
+    """The position-embedding interpolation the weights were trained with, where the source records it (our runs'
+    ``model.pos_embed_interpolation``); None otherwise (official DINO releases, older runs)."""
 
     def sha256(self) -> str:
         return file_sha256(self.path)
@@ -120,6 +131,12 @@ def _arch_from_config(config: Any) -> tuple[str | None, dict[str, Any]]:
     if not isinstance(model, dict):
         return None, {}
     return model.get("arch"), dict(model.get("timm_kwargs") or {})
+
+
+def _interpolation_from_config(config: Any) -> str | None:
+    model = config.get("model") if isinstance(config, dict) else None
+    method = model.get("pos_embed_interpolation") if isinstance(model, dict) else None
+    return method if method in POS_EMBED_INTERPOLATIONS else None
 
 
 def _arch_from_official_args(args: Any) -> str | None:
@@ -190,12 +207,15 @@ def load_source(source: str | Path, which: str = "teacher") -> BackboneSource:
     run_name = None
     arch: str | None = None
     timm_kwargs: dict[str, Any] = {}
+    interpolation: str | None = None
     if path.is_dir() and not _is_folder_checkpoint(path):  # a run directory
         if layout.is_run_dir(path):
             run_name = path.name
             config_file = path / layout.CONFIG_FILE
             try:
-                arch, timm_kwargs = _arch_from_config(json.loads(config_file.read_text(encoding="utf-8")))
+                config = json.loads(config_file.read_text(encoding="utf-8"))
+                arch, timm_kwargs = _arch_from_config(config)
+                interpolation = _interpolation_from_config(config)
             except ValueError as error:
                 raise InputError(f"{config_file} is not valid JSON: {error}") from None
         path = _file_of_run(path, which)
@@ -212,15 +232,18 @@ def load_source(source: str | Path, which: str = "teacher") -> BackboneSource:
         arch = metadata.get("arch") or arch
         if metadata.get("timm_kwargs"):
             timm_kwargs = json.loads(metadata["timm_kwargs"])
+        if metadata.get("pos_embed_interpolation") in POS_EMBED_INTERPOLATIONS:
+            interpolation = metadata["pos_embed_interpolation"]
         step = int(metadata["step"]) if metadata.get("step", "").isdigit() else None
         weights = select_backbone(load_safetensors(path), which, str(path))
-        return BackboneSource(path, weights, arch, timm_kwargs, which, run_name, step)
+        return BackboneSource(path, weights, arch, timm_kwargs, which, run_name, step, interpolation)
 
     obj = load_torch(path)
     step = None
     if isinstance(obj, Mapping):
         if "config" in obj:  # ours
             arch, timm_kwargs = _arch_from_config(obj["config"])
+            interpolation = _interpolation_from_config(obj["config"]) or interpolation
         elif "args" in obj:  # official DINO
             arch = _arch_from_official_args(obj["args"]) or arch
         teacher_only = "teacher" not in obj and "student" not in obj and path.name == layout.TRAINER_STATE_FILE
@@ -229,7 +252,8 @@ def load_source(source: str | Path, which: str = "teacher") -> BackboneSource:
                 f"{path} holds the teacher only; the student is in {layout.PORTABLE_STUDENT_FILE} beside it"
             )
         step = obj.get("step") if isinstance(obj.get("step"), int) else None
-    return BackboneSource(path, select_backbone(obj, which, str(path)), arch, timm_kwargs, which, run_name, step)
+    weights = select_backbone(obj, which, str(path))
+    return BackboneSource(path, weights, arch, timm_kwargs, which, run_name, step, interpolation)
 
 
 def extract_backbone_state_dict(source: str | Path, which: str = "teacher") -> dict[str, torch.Tensor]:
@@ -252,9 +276,15 @@ def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
 
 
 def _maybe_resample_pos_embed(
-    model: nn.Module, state: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    source: str,
+    method: str,
 ) -> None:
-    """Resample an absolute ``pos_embed`` trained at another resolution to the model's grid (in place)."""
+    """Resample an absolute ``pos_embed`` trained at another resolution to the model's grid (in place), with
+    ``method``: "official" (:func:`~dino_scale.models.backbones.official_pos_embed`, for the layouts the official
+    ViT has; others fall back to timm with a warning) or "timm" (timm's resample_abs_pos_embed)."""
     if "pos_embed" not in state or "pos_embed" not in expected:
         return
     old, new = state["pos_embed"], expected["pos_embed"]
@@ -267,10 +297,19 @@ def _maybe_resample_pos_embed(
     old_side = math.isqrt(old.shape[1] - num_prefix) if old.shape[1] > num_prefix else 0
     if old_side * old_side != old.shape[1] - num_prefix or old_side == 0:
         return  # not a square grid with the same prefix tokens: cannot infer the old grid safely
-    state["pos_embed"] = resample_abs_pos_embed(
-        old, new_size=list(grid), old_size=[old_side, old_side], num_prefix_tokens=num_prefix
-    )
-    log.info("Resampled pos_embed from %s: grid %dx%d -> %dx%d", source, old_side, old_side, *grid)
+    if method == "official":
+        problem = official_layout_problem(model)
+        if problem is not None:
+            log.warning("%s: official pos_embed interpolation does not apply (%s); using timm's", source, problem)
+            method = "timm"
+    if method == "official":
+        with torch.no_grad():
+            state["pos_embed"] = official_pos_embed(old, int(grid[0]), int(grid[1]))
+    else:
+        state["pos_embed"] = resample_abs_pos_embed(
+            old, new_size=list(grid), old_size=[old_side, old_side], num_prefix_tokens=num_prefix
+        )
+    log.info("Resampled pos_embed from %s (%s): grid %dx%d -> %dx%d", source, method, old_side, old_side, *grid)
 
 
 def _format_keys(keys: Iterable[str], limit: int = 5) -> str:
@@ -280,16 +319,25 @@ def _format_keys(keys: Iterable[str], limit: int = 5) -> str:
 
 
 def load_backbone_weights(
-    backbone: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "<memory>"
+    backbone: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    source: str = "<memory>",
+    pos_embed_interpolation: str | None = None,
 ) -> None:
     """Strictly load backbone weights into a timm model, with a readable error on architecture mismatch.
 
-    Tolerated differences: ``pos_embed`` of another image size is resampled with timm's helper;
+    Tolerated differences: ``pos_embed`` of another image size is resampled to the model's grid with
+    ``pos_embed_interpolation`` ("official" or "timm"); by default with the method the model itself runs (what
+    create_backbone recorded on it, so that a model built at a fixed size gives what the dynamic model gives at that
+    size; "timm" for models that create_backbone did not build);
     classifier weights (``head.*`` / ``fc.*``) in the source are ignored when the model has no classifier
     (num_classes=0); BatchNorm ``num_batches_tracked`` buffers may be absent (old torchvision weights).
     Anything else raises a ValueError naming ``source`` with up to 5 missing keys, 5 unexpected keys and
     the shape mismatches; the model is left untouched in that case.
     """
+    method = pos_embed_interpolation or getattr(backbone, POS_EMBED_INTERPOLATION_ATTR, "timm")
+    if method not in POS_EMBED_INTERPOLATIONS:
+        raise ValueError(f"pos_embed_interpolation must be one of {POS_EMBED_INTERPOLATIONS}, got {method!r}")
     expected = backbone.state_dict()
     state = dict(state_dict)
 
@@ -298,7 +346,7 @@ def load_backbone_weights(
         if not any(k.startswith(prefix) for k in expected):
             state = {k: v for k, v in state.items() if not k.startswith(prefix)}
 
-    _maybe_resample_pos_embed(backbone, state, expected, source)
+    _maybe_resample_pos_embed(backbone, state, expected, source, method)
 
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
@@ -327,12 +375,21 @@ def load_backbone_weights(
 
 
 def build_backbone(
-    source: BackboneSource, image_size: int, arch: str | None = None, timm_kwargs: dict[str, Any] | None = None
+    source: BackboneSource,
+    image_size: int,
+    arch: str | None = None,
+    timm_kwargs: dict[str, Any] | None = None,
+    pos_embed_interpolation: str | None = None,
 ) -> tuple[nn.Module, str, dict[str, Any]]:
     """The timm backbone at a fixed ``image_size`` (pos_embed resampled once), in eval mode, with the source's weights.
 
     ``arch`` / ``timm_kwargs`` override what the source records; the recorded timm_kwargs are dropped when
     ``arch`` names another architecture, since they belong to the recorded one. Returns (backbone, arch, kwargs).
+
+    A ViT's stored position embeddings are resampled to the ``image_size`` grid once, here, with
+    ``pos_embed_interpolation``: by default what the source records it was trained with, else "official", so that
+    an official checkpoint gives at any image size the features the official code gives at that size. The resampled
+    table is then a fixed part of the model (no interpolation runs in its forward or in an exported graph).
     """
     if image_size <= 0:
         raise InputError(f"image size must be positive, got {image_size}", argument="image_size")
@@ -348,8 +405,14 @@ def build_backbone(
     if is_vit_arch(arch):
         # A fixed grid: pos_embed is resampled once at load time, so the graph holds no interpolation.
         kwargs.update(img_size=image_size, dynamic_img_size=False)
+    method = pos_embed_interpolation or source.pos_embed_interpolation or "official"
+    if method not in POS_EMBED_INTERPOLATIONS:
+        raise InputError(
+            f"pos_embed_interpolation must be one of {', '.join(POS_EMBED_INTERPOLATIONS)}, got {method!r}",
+            argument="pos_embed_interpolation",
+        )
     try:
-        backbone = create_backbone(arch, **kwargs)
+        backbone = create_backbone(arch, pos_embed_interpolation=method, **kwargs)
     except ConfigError as error:  # the kwargs at fault, already named
         error.argument = "timm_kwargs"
         raise

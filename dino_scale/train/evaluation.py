@@ -43,7 +43,9 @@ def knn_vs_random_init(cfg: TrainConfig, backbone: nn.Module, device: torch.devi
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        random_backbone = create_backbone(cfg.model.arch, 0.0, **cfg.model.timm_kwargs)
+        random_backbone = create_backbone(
+            cfg.model.arch, 0.0, pos_embed_interpolation=cfg.model.pos_embed_interpolation, **cfg.model.timm_kwargs
+        )
     result = {"knn_top1_teacher": top1(backbone), "knn_top1_random_init": top1(random_backbone)}
     log.info(
         "k-NN top-1 on %s (k=%d): trained teacher %.1f%%  vs  random init %.1f%%",

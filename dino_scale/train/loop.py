@@ -225,7 +225,12 @@ def finish(
         save_safetensors(
             {k: v.detach().cpu() for k, v in teacher.backbone.state_dict().items()},
             run_dir / layout.TEACHER_BACKBONE_FILE,
-            metadata={"arch": cfg.model.arch, "timm_kwargs": json.dumps(cfg.model.timm_kwargs), "step": str(step)},
+            metadata={
+                "arch": cfg.model.arch,
+                "timm_kwargs": json.dumps(cfg.model.timm_kwargs),
+                "pos_embed_interpolation": cfg.model.pos_embed_interpolation,
+                "step": str(step),
+            },
         )
         record["teacher_sha256_per_rank"] = digests
         metrics.event(step, "final", teacher_sha256_per_rank=digests)

@@ -13,12 +13,13 @@ LAST_LAYER_PREFIX = "head.last_layer."
 
 def parameter_groups(model: nn.Module) -> list[dict]:
     """Weights that are decayed, and biases / norm parameters (every 1-d tensor) that are not; the head's last layer
-    gets groups of its own (flag `last_layer`) so that freezing it is an lr of 0 on those groups.
+    gets groups of its own (flag `last_layer`).
 
-    Freezing through the learning rate rather than by dropping gradients works the same under every backend:
-    DeepSpeed's ZeRO owns the gradients (flattened into its partitions), FSDP2 holds them as shards, so only the
-    param groups are common ground. With lr 0, AdamW leaves the weights exactly unchanged (its decoupled decay is
-    lr * wd too); the moments still see the gradients, which the official code drops instead.
+    While the last layer is frozen, the backends drop its gradients after clipping, as official DINO does, so that the
+    optimizer skips it (no update, no decay, no moments or step count) where they can (local, DDP, FSDP2, plain
+    ZeRO-0). Where DeepSpeed flattens the gradients into its partitions, the group of its own is what freezes it
+    instead: an lr of 0 on it (`set_hyperparameters`; AdamW's decoupled decay is lr * wd too, so the weights stay
+    exactly as they were), then its optimizer state reset to a fresh one after every frozen step.
     """
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
@@ -52,6 +53,8 @@ def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimize
 def set_hyperparameters(
     optimizer: torch.optim.Optimizer, lr: float, weight_decay: float, freeze_last_layer: bool = False
 ) -> None:
+    """The scheduled lr and weight decay on every group; the last layer's lr is 0 while it is frozen (a no-op where
+    its gradients are dropped, the freeze itself where DeepSpeed's partitions keep them)."""
     for group in optimizer.param_groups:
         group["lr"] = 0.0 if freeze_last_layer and group.get("last_layer", False) else lr
         group["weight_decay"] = weight_decay if group.get("apply_weight_decay", True) else 0.0

@@ -69,9 +69,12 @@ def make_views(step: int) -> list[torch.Tensor]:
     return [torch.randn(GLOBAL_BATCH, 3, size, size, generator=generator) for size in (32, 32, 16, 16)]
 
 
-def train_steps(backend: Any, module: torch.nn.Module, teacher: torch.nn.Module, rank: int, world: int) -> list[float]:
-    """N_STEPS steps of the training loop's recipe; this rank takes its contiguous share of every global batch,
-    in `backend.batch.accumulation_steps` micro-batches. Returns the gradient norms."""
+def train_steps(
+    backend: Any, module: torch.nn.Module, teacher: torch.nn.Module, rank: int, world: int, steps: int = N_STEPS
+) -> list[float]:
+    """`steps` steps of the training loop's recipe (the head's last layer frozen in the first); this rank takes its
+    contiguous share of every global batch, in `backend.batch.accumulation_steps` micro-batches. Returns the
+    gradient norms."""
     from dino_scale.train.ema import update_teacher
     from dino_scale.train.loss import DINOLoss
 
@@ -80,7 +83,7 @@ def train_steps(backend: Any, module: torch.nn.Module, teacher: torch.nn.Module,
     accumulation = backend.batch.accumulation_steps
     micro = share // accumulation
     norms = []
-    for step in range(N_STEPS):
+    for step in range(steps):
         views = make_views(step)
         for k in range(accumulation):
             rows = slice(rank * share + k * micro, rank * share + (k + 1) * micro)
@@ -126,6 +129,13 @@ def _snapshot(backend: Any) -> dict[str, Any]:
     return {"groups": groups, "weights": weights, "optimizer_state": optimizer["state"]}
 
 
+def _reload(checkpoint: Path, result: Path) -> None:
+    """Load `checkpoint` into a fresh FSDP student (other initial weights) and save its snapshot to `result`."""
+    backend, _, _ = _fresh_fsdp(seed=1)
+    state = backend.load(checkpoint)
+    torch.save({**_snapshot(backend), "step": state["step"]}, result)
+
+
 def _worker(mode: str, out: Path, extra: list[str]) -> None:
     from torch.distributed.tensor import DTensor
 
@@ -155,6 +165,21 @@ def _worker(mode: str, out: Path, extra: list[str]) -> None:
         state = from_local.load(local_checkpoint)
         torch.save({**_snapshot(from_local), "step": state["step"]}, out / f"from_local_rank{rank}.pt")
 
+        # Global clipping (optim.clip_mode=global), the one before per-parameter clipping became the default.
+        global_clip, module, teacher = _fresh_fsdp(0, "optim.clip_mode=global")
+        norms = train_steps(global_clip, module, teacher, rank, world)
+        torch.save(
+            {**_snapshot(global_clip), "norms": norms, "teacher": teacher.state_dict()}, out / f"global_rank{rank}.pt"
+        )
+
+        # A checkpoint written while the last layer is frozen (its optimizer has no state for it yet), reloaded.
+        frozen, module, teacher = _fresh_fsdp(0)
+        train_steps(frozen, module, teacher, rank, world, steps=1)
+        frozen_path = frozen.save(out / "frozen", 1, {"step": 1, "backend": "fsdp"}, keep_last=1)
+        torch.save({**_snapshot(frozen), "checkpoint": str(frozen_path)}, out / f"frozen_rank{rank}.pt")
+        _reload(frozen_path, out / f"frozen_reload{world}_rank{rank}.pt")
+        _reload(Path(extra[1]), out / f"frozen_from_local_rank{rank}.pt")
+
         bf16, module, teacher = _fresh_fsdp(0, 'deepspeed.bf16={"enabled": true}')
         norms = train_steps(bf16, module, teacher, rank, world)
         dtypes = {str(t.dtype) for group in bf16.student_weight_groups() for _, t in group}
@@ -165,6 +190,7 @@ def _worker(mode: str, out: Path, extra: list[str]) -> None:
         torch.save({"norms": norms, "dtypes": dtypes, "compute_dtypes": compute_dtypes}, out / f"bf16_rank{rank}.pt")
     elif mode == "load":
         checkpoint = Path(extra[0])
+        _reload(Path(extra[1]), out / f"frozen_reload{world}_rank{rank}.pt")
         backend, _, _ = _fresh_fsdp(seed=1)
         state = backend.load(checkpoint)
         torch.save({**_snapshot(backend), "state": state}, out / f"reload{world}_rank{rank}.pt")
@@ -243,7 +269,27 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     finally:
         torch.set_num_threads(threads)
     path = backend.save(out, N_STEPS, {"step": N_STEPS, "backend": "local"}, keep_last=1)
+    runs = {}
+    for name, overrides, steps in (("global", ["optim.clip_mode=global"], N_STEPS), ("frozen", [], 1)):
+        run_cfg = tiny_config(1, *overrides)
+        torch.manual_seed(0)
+        run_student, run_teacher = build_student_teacher(run_cfg.model)
+        run = LocalBackend(run_cfg, run_cfg.batch_plan(1))
+        run_module = run.prepare(run_student)
+        torch.set_num_threads(1)
+        try:
+            run_norms = train_steps(run, run_module, run_teacher, 0, 1, steps=steps)
+        finally:
+            torch.set_num_threads(threads)
+        runs[name] = {
+            "weights": {n: p.detach().clone() for n, p in run_student.named_parameters()},
+            "teacher": {k: v.clone() for k, v in run_teacher.state_dict().items()},
+            "norms": run_norms,
+            "optimizer_state": named_optimizer_state(run_student, run.optimizer)["state"],
+            "checkpoint": run.save(out / name, steps, {"step": steps, "backend": "local"}, keep_last=1),
+        }
     return {
+        **runs,
         "initial": initial,
         "weights": {name: p.detach().clone() for name, p in student.named_parameters()},
         "optimizer_state": named_optimizer_state(student, backend.optimizer)["state"],
@@ -256,14 +302,15 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def fsdp_run(reference: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("fsdp")
-    launch(WORLD_SIZE, "train", out, str(reference["checkpoint"]))
+    launch(WORLD_SIZE, "train", out, str(reference["checkpoint"]), str(reference["frozen"]["checkpoint"]))
     return out
 
 
 @pytest.fixture(scope="module")
 def fsdp_load_one(fsdp_run: Path) -> Path:
     checkpoint = torch.load(fsdp_run / "train_rank0.pt", weights_only=True)["checkpoint"]
-    launch(1, "load", fsdp_run, checkpoint)
+    frozen = torch.load(fsdp_run / "frozen_rank0.pt", weights_only=True)["checkpoint"]
+    launch(1, "load", fsdp_run, checkpoint, frozen)
     return fsdp_run
 
 
@@ -304,6 +351,44 @@ def test_two_processes_match_one_process(reference: dict[str, Any], fsdp_run: Pa
         assert torch.equal(tensor, ranks[1]["weights"][name]), name
 
 
+def test_global_clipping_matches_one_process(reference: dict[str, Any], fsdp_run: Path) -> None:
+    """optim.clip_mode=global clips as torch's clip_grad_norm_ over the DTensor shards, as before."""
+    expected = reference["global"]
+    assert min(expected["norms"]) > CLIP
+    for rank in range(WORLD_SIZE):
+        result = _load(fsdp_run / f"global_rank{rank}.pt")
+        _assert_close(result["weights"], expected["weights"], ATOL_WEIGHTS, f"global clipping, rank {rank}")
+        _assert_close(result["teacher"], expected["teacher"], ATOL_WEIGHTS, f"teacher, global clipping, rank {rank}")
+        assert result["norms"] == pytest.approx(expected["norms"], rel=RTOL_NORM)
+    # ... and per-parameter clipping does train differently (else the comparisons here could not tell them apart).
+    apart = max((reference["weights"][k] - expected["weights"][k]).abs().max().item() for k in expected["weights"])
+    assert apart > 10 * ATOL_WEIGHTS
+
+
+LAST_LAYER = "head.last_layer.parametrizations.weight.original1"
+
+
+def test_checkpoint_written_while_the_last_layer_is_frozen_reloads_without_its_optimizer_state(
+    reference: dict[str, Any], fsdp_load_one: Path
+) -> None:
+    """After one frozen step the optimizer has never seen the last layer (official DINO: no gradient, no state). A
+    reload, on 2 or 1 processes, from our DCP folder or from a local single file, must leave it so: not the
+    placeholder state (a step already counted) of the template torch's loader starts from."""
+    frozen = _load(fsdp_load_one / "frozen_rank0.pt")
+    assert LAST_LAYER not in frozen["optimizer_state"] and "head.mlp.0.weight" in frozen["optimizer_state"]
+    assert LAST_LAYER not in reference["frozen"]["optimizer_state"]
+    _assert_close(frozen["weights"], reference["frozen"]["weights"], ATOL_WEIGHTS, "one frozen step")
+    reloads = [f"frozen_reload{world}_rank{rank}.pt" for world in (2, 1) for rank in range(world)]
+    for name in reloads:
+        reloaded = _load(fsdp_load_one / name)
+        _assert_close(reloaded["weights"], frozen["weights"], 0.0, name)
+        _assert_same_optimizer_state(reloaded["optimizer_state"], frozen["optimizer_state"], name)
+    for rank in range(WORLD_SIZE):
+        loaded = _load(fsdp_load_one / f"frozen_from_local_rank{rank}.pt")
+        _assert_close(loaded["weights"], reference["frozen"]["weights"], 0.0, f"frozen local checkpoint, rank {rank}")
+        _assert_same_optimizer_state(loaded["optimizer_state"], reference["frozen"]["optimizer_state"], "from local")
+
+
 def test_weight_groups_come_one_block_at_a_time(fsdp_run: Path) -> None:
     result = _load(fsdp_run / "train_rank0.pt")
     groups = result["groups"]
@@ -333,7 +418,8 @@ def test_checkpoint_layout_and_reload_on_two_and_one_processes(fsdp_load_one: Pa
             _assert_same_optimizer_state(
                 reloaded["optimizer_state"], trained["optimizer_state"], f"optimizer reloaded on {world}"
             )
-    assert trained["optimizer_state"]["head.last_layer.parametrizations.weight.original1"]["step"] == N_STEPS
+    # Frozen in step 1 (official DINO: no gradient, so AdamW never saw it), updated in steps 2 and 3.
+    assert trained["optimizer_state"]["head.last_layer.parametrizations.weight.original1"]["step"] == N_STEPS - 1
 
 
 def test_loading_a_local_single_file_checkpoint(reference: dict[str, Any], fsdp_run: Path) -> None:

@@ -112,9 +112,9 @@ def teacher_bound(reference: Path) -> float:
     return bound
 
 
-def assert_same_training(reference: Path, other: Path, world_size: int) -> None:
+def assert_same_training(reference: Path, other: Path, world_size: int, steps: int = STEPS) -> None:
     expected, got = losses(reference), losses(other)
-    assert sorted(got) == list(range(1, STEPS + 1))
+    assert sorted(got) == list(range(1, steps + 1))
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-5), f"step {step}"
     reference_teacher, other_teacher = checkpoint_state(reference)["teacher"], checkpoint_state(other)["teacher"]
@@ -160,6 +160,17 @@ def test_zero2_matches_one_process(reference: Path, zero2: Path) -> None:
     # ZeRO 0-2 checkpoints carry a name-keyed copy beside DeepSpeed's shards, for resuming on other counts.
     latest = sorted((zero2 / "checkpoints").glob("step_*"))[-1]
     assert {"deepspeed", "trainer_state.pt", "student_full.pt"} <= {p.name for p in latest.iterdir()}
+    # The last layer was frozen in steps 1-5: official DINO's AdamW never saw it then, so it has stepped it 3 times
+    # by step 8, the rest 8 times. ZeRO steps it in its flat partition with lr 0 and resets its state after each
+    # frozen step: its moments and step count must be those of the one process, which drops its gradients.
+    ours = torch.load(latest / "student_full.pt", map_location="cpu", weights_only=True)["optimizer"]["state"]
+    official = checkpoint_state(reference)["optimizer"]["state"]
+    assert {name: int(s["step"]) for name, s in ours.items()} == {name: int(s["step"]) for name, s in official.items()}
+    assert int(ours["head.last_layer.parametrizations.weight.original1"]["step"]) == 3
+    for name, state in official.items():  # fp32 sums in another order: ~6e-7 of each tensor's largest value
+        for key in ("exp_avg", "exp_avg_sq"):
+            worst = (ours[name][key] - state[key]).abs().max().item()
+            assert worst <= 1e-5 * state[key].abs().max().item(), f"{name} {key}: {worst}"
 
 
 def test_zero3_matches_one_process(reference: Path, zero3: Path) -> None:
@@ -412,6 +423,8 @@ def resume_matrix(runs: Path, reference: Path, zero2: Path, zero3: Path) -> Path
     plan.append(train_action(two / "zero2-resumed", *BACKENDS["zero2"], resume=True))
     plan.append(call_action("test_distributed:rewound_copy", str(reference), str(two / "local-on-ddp"), "6"))
     plan.append(train_action(two / "local-on-ddp", *BACKENDS["ddp"], resume=True))
+    plan.append(call_action("test_distributed:rewound_copy", str(reference), str(two / "frozen-local-on-zero2"), "4"))
+    plan.append(train_action(two / "frozen-local-on-zero2", *BACKENDS["zero2"], resume=True))
     launch_plan(2, two, plan)
 
     one = out / "one"
@@ -464,12 +477,96 @@ def test_single_process_checkpoint_resumes_on_two_with_ddp(resume_matrix: Path, 
         assert losses(resumed)[step] == pytest.approx(losses(reference)[step], rel=1e-5), step
 
 
+def test_checkpoint_saved_while_the_last_layer_is_frozen_resumes_on_zero2(resume_matrix: Path, reference: Path) -> None:
+    """The one process's step-4 checkpoint has no optimizer state for the frozen last layer (official DINO: its
+    gradients were dropped). ZeRO-2 resumes it on 2 processes with a fresh state for it (it used to refuse such a
+    checkpoint) and ends where the one process did: the same losses, and the same step counts (the last layer's 3,
+    from step 6 on) in its checkpoint."""
+    resumed = resume_matrix / "two" / "frozen-local-on-zero2"
+    assert "head.last_layer.parametrizations.weight.original1" not in torch.load(
+        reference / "checkpoints" / "step_00000004.pt", map_location="cpu", weights_only=True
+    )["optimizer"]["state"]
+    for step in range(5, STEPS + 1):
+        assert losses(resumed)[step] == pytest.approx(losses(reference)[step], rel=1e-5), step
+    latest = sorted((resumed / "checkpoints").glob("step_*"))[-1]
+    ours = torch.load(latest / "student_full.pt", map_location="cpu", weights_only=True)["optimizer"]["state"]
+    official = checkpoint_state(reference)["optimizer"]["state"]
+    assert {name: int(s["step"]) for name, s in ours.items()} == {name: int(s["step"]) for name, s in official.items()}
+
+
 def test_zero3_checkpoint_on_another_process_count_is_refused_in_one_line(resume_matrix: Path) -> None:
     results = json.loads((resume_matrix / "one" / "plan_rank0.json").read_text())
     refused = results[-1]
     assert refused["type"] == "IncompatibleCheckpoint" and "\n" not in refused["error"]
     assert "written by 2 process(es) with ZeRO stage 3; this run has 1" in refused["error"]
     assert "step_00000004" in refused["error"]  # the newest, and no fallback to the older ones
+
+
+# --- per-parameter clipping that bites, on every backend, in one launch --------------------------------------------
+#
+# Official DINO clips each parameter's gradient on its own. A clip of 0.01 is far below the gradients' norms here (the
+# global norm falls from ~500 to ~5 over the steps), so most gradients are rescaled in every step, and the update
+# depends on it: Adam's per-weight normalisation does not undo a per-parameter factor that changes from step to step
+# (with the full lr from the first step, global clipping ends 3.5% away in loss, per-parameter clipping on 2
+# processes within 5e-7 of one process: observed). Each backend
+# computes the per-parameter norms from its own pieces of the gradients (DDP: whole averaged ones; FSDP2: dim-0
+# shards; ZeRO-1/2: fragments of flat partitions; ZeRO-3: partitions), so a piece left out of a norm, or a clip that
+# DeepSpeed applied again globally, would show in the losses. The runs cross the end of the last layer's freeze
+# (4.8 steps): its optimizer state must come out of the freeze untouched, as a fresh one.
+
+CLIP_STEPS = 8  # losses 7 and 8 come after updates of the unfrozen last layer (the loss of a step is before its update)
+CLIPPED = (
+    "deepspeed.gradient_clipping=0.01",
+    f"max_steps={CLIP_STEPS}",
+    "checkpoint_every=1000",
+    "optim.lr=0.05",
+    "optim.warmup_epochs=0",
+)
+CLIP_BACKENDS = {**BACKENDS, "zero0": MATRIX["zero0"], "zero1": MATRIX["zero1"]}
+OFFLOAD = 'deepspeed.zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}'
+# bf16 weights with fp32 gradient accumulation on ZeRO-1: DeepSpeed's BF16_Optimizer, whose gradients we cannot reach
+BF16_FP32_ACCUMULATION = ('deepspeed.bf16={"enabled": true}', 'deepspeed.data_types={"grad_accum_dtype": "fp32"}')
+
+
+@pytest.fixture(scope="module")
+def clipped(runs: Path) -> Path:
+    """One process (2 readers, as the reference); then on 2 processes each backend with per-parameter clipping,
+    DDP with global clipping (the deviation this replaces, to show that the comparison can tell them apart), and two
+    DeepSpeed set-ups that must refuse per-parameter clipping before any step: ZeRO-2 with its optimizer offloaded
+    (refused from the recipe), ZeRO-1 with bf16 weights and fp32 gradient accumulation (from the engine built)."""
+    out = runs / "clipped"
+    run_training(None, out / "reference", *CLIPPED)
+    plan = [train_action(out / name, *sets, *CLIPPED) for name, sets in CLIP_BACKENDS.items()]
+    plan.append(train_action(out / "ddp-global", *BACKENDS["ddp"], *CLIPPED, "optim.clip_mode=global"))
+    plan.append(train_action(out / "offload", "backend=deepspeed", OFFLOAD, *CLIPPED))
+    plan.append(train_action(out / "bf16-accumulation", *MATRIX["zero1"], *BF16_FP32_ACCUMULATION, *CLIPPED))
+    launch_plan(2, out, plan)
+    return out
+
+
+def test_clipping_bites_and_global_clipping_trains_differently(clipped: Path) -> None:
+    reference = metrics(clipped / "reference")
+    assert min(m["grad_norm"] for m in reference if "grad_norm" in m) > 100 * 0.01  # the logged pre-clip norm
+    expected, global_clip = losses(clipped / "reference"), losses(clipped / "ddp-global")
+    worst = max(abs(global_clip[s] - expected[s]) / expected[s] for s in expected)
+    assert worst > 100 * 1e-5, f"global clipping is within {worst:.2g} of per-parameter clipping: the test is blind"
+
+
+@pytest.mark.parametrize("backend", CLIP_BACKENDS)
+def test_per_parameter_clipping_matches_one_process(clipped: Path, backend: str) -> None:
+    assert_same_training(clipped / "reference", clipped / backend, world_size=2, steps=CLIP_STEPS)
+    expected = {m["step"]: m["grad_norm"] for m in metrics(clipped / "reference") if "grad_norm" in m}
+    got = {m["step"]: m["grad_norm"] for m in metrics(clipped / backend) if "grad_norm" in m}
+    assert got == pytest.approx(expected, rel=1e-4)  # the global norm before clipping, whatever holds the pieces
+
+
+def test_deepspeed_set_ups_without_per_parameter_clipping_refuse_it_in_one_line(clipped: Path) -> None:
+    offload, bf16_accumulation = json.loads((clipped / "plan_rank0.json").read_text())[-2:]
+    for refused, names in ((offload, "offload_optimizer"), (bf16_accumulation, "BF16_Optimizer (ZeRO stage 1")):
+        assert refused["type"] == "ConfigError" and "\n" not in refused["error"]
+        assert names in refused["error"] and refused["error"].endswith("set optim.clip_mode=global")
+    for name in ("offload", "bf16-accumulation"):  # refused before any step
+        assert not (clipped / name / "metrics.jsonl").exists() or not losses(clipped / name)
 
 
 if __name__ == "__main__":

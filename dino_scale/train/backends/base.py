@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,8 +153,15 @@ class Backend(ABC):
     def optimizer_step(
         self, lr: float, weight_decay: float, freeze_last_layer: bool, flags: dict[str, torch.Tensor]
     ) -> StepResult:
-        """One optimizer step with the scheduled lr / wd, clipping at `gradient_clipping`, the last layer's lr at 0
-        while it is frozen; gradients are zeroed afterwards.
+        """One optimizer step with the scheduled lr / wd; gradients are zeroed afterwards.
+
+        As official DINO: the gradients (unscaled, with fp16) are clipped at `gradient_clipping` (0: off) each on its
+        own (`optim.clip_mode` "per_param"; "global": their norm together), then, while `freeze_last_layer`, the
+        head's last layer's gradients are dropped so that the optimizer skips it (no update, no weight decay, its
+        moments and step count untouched). Where DeepSpeed keeps the gradients flattened (ZeRO 1-3, its own bf16 /
+        fp16 modes) the last layer's lr is 0 instead and its optimizer state is reset to a fresh one after the step,
+        which gives the same numbers. `StepResult.grad_norm` is the L2 norm of all gradients together before
+        clipping (last layer included), the same on every rank.
 
         `flags` (name -> 0-dim bool tensor, True where that quantity went NaN / inf in this step's micro-batches)
         are checked together with the gradient norm before the update, with one collective and one host read: a
@@ -267,6 +274,64 @@ def apply_if_finite(
             raise
         return StepResult(grad_norm, [f"optimizer update ({error})"], applied=False, recoverable=False)
     return StepResult(grad_norm, [])
+
+
+# --- gradient clipping shared by the backends ---------------------------------------------------------------------
+
+CLIP_EPSILON = 1e-6
+"""Official DINO's clip coefficient is clip / (norm + 1e-6), applied where it is below 1."""
+
+
+def squared_norms(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Each tensor's squared L2 norm, computed in fp32, as one fp32 vector (an empty tensor gives 0)."""
+    if not tensors:
+        return torch.zeros(0, device=device)
+    return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=torch.float32)).pow(2)
+
+
+def clip_coefficients(squared: torch.Tensor, clip: float, scale: float = 1.0) -> torch.Tensor:
+    """Official DINO's per-parameter clipping factors: min(1, clip / (norm + 1e-6)) for each parameter, where
+    `squared` holds each parameter's squared gradient norm over the whole parameter (summed over ranks for shards)
+    and `scale` the loss scale those gradients still carry (fp16), so that `clip` applies to the true gradient.
+    Exactly 1 where the norm is within the clip (the gradient is left as it is, a zero gradient stays zero)."""
+    return torch.clamp(clip / (squared.sqrt() / scale + CLIP_EPSILON), max=1.0)
+
+
+def clip_each_(
+    grads: Sequence[torch.Tensor],
+    clip: float,
+    device: torch.device,
+    reduce: Callable[[torch.Tensor], Any] | None = None,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """Clip each gradient on its own at `clip` (0: off), in place, as official DINO's `clip_gradients`; returns the
+    L2 norm of all of them together before clipping (true units). `grads` may be this rank's pieces of each
+    parameter's gradient (shards, ZeRO partitions), in the same parameter order on every rank: `reduce` then sums the
+    vector of their squared norms over the ranks, in place (ONE collective for all parameters). No host sync."""
+    squared = squared_norms(grads, device)
+    if reduce is not None:
+        reduce(squared)
+    if clip > 0:
+        for grad, coefficient in zip(grads, clip_coefficients(squared, clip, scale).unbind(), strict=True):
+            grad.mul_(coefficient)
+    return squared.sum().sqrt() / scale
+
+
+def clip_module_gradients(module: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
+    """Clip the whole (unsharded, already averaged over ranks) gradients of `module` at `cfg.clip_grad` as
+    `cfg.optim.clip_mode` says; returns the norm of all of them together before clipping."""
+    parameters = [p for p in module.parameters() if p.grad is not None]
+    if cfg.optim.clip_mode == "per_param":  # under DDP each gradient is already the global one: nothing to reduce
+        return clip_each_([p.grad for p in parameters], cfg.clip_grad, device)
+    max_norm = cfg.clip_grad if cfg.clip_grad > 0 else float("inf")
+    return torch.nn.utils.clip_grad_norm_(parameters, max_norm).detach()
+
+
+def drop_gradients(parameters: Sequence[torch.Tensor]) -> None:
+    """Official DINO's `cancel_gradients_last_layer`: without a gradient, a parameter is skipped by the optimizer (no
+    update, no weight decay, its moments and step count left as they are)."""
+    for parameter in parameters:
+        parameter.grad = None
 
 
 # --- checkpoint helpers shared by the backends ---------------------------------------------------------------

@@ -5,6 +5,13 @@ block at a time: the parameters themselves under `torch_autocast` with ZeRO 0-2 
 `GatheredParameters` per block under ZeRO-3, and DeepSpeed's fp32 master copies (`safe_get_full_fp32_param`)
 when the block uses DeepSpeed's own bf16/fp16 modes, whose module weights are low precision.
 
+Gradient clipping, as official DINO, is ours (DeepSpeed's global `gradient_clipping` is then 0 in the engine's
+config): after the last backward and before the engine's step, each parameter's reduced gradient is clipped on its
+own, from this rank's piece of it (ZeRO-0: the whole `.grad`; ZeRO-1/2: its fragments of the flat partitions;
+ZeRO-3: its partition, through deepspeed.utils' local-gradient API) and one all-reduce of the squared norms of all
+parameters. The frozen last layer: its gradients dropped on plain ZeRO-0 (as DDP); elsewhere lr 0, then its
+optimizer state reset to a fresh one after each frozen step (`_reset_last_layer_state`), which gives the same numbers.
+
 Checkpoints are DeepSpeed's sharded ones (`deepspeed/` in the checkpoint folder). For ZeRO 0-2 the folder also
 holds the student's full weights and optimizer state keyed by parameter name (`student_full.pt`): that is what
 lets a run resume on another number of processes, or on one process with the local backend. ZeRO-3 runs resume
@@ -24,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from dino_scale import run_dir as layout
@@ -35,7 +43,11 @@ from dino_scale.train.backends.base import (
     Backend,
     StepResult,
     check_portable_state,
+    clip_coefficients,
+    clip_each_,
+    clip_module_gradients,
     commit_checkpoint_dir,
+    drop_gradients,
     launch_environment,
     load_named_optimizer_state,
     missing_portable_state,
@@ -45,12 +57,18 @@ from dino_scale.train.backends.base import (
     require_launcher,
     settle_writes,
     split_single_file,
+    squared_norms,
     stage_checkpoint_dir,
     sync_batch_norm,
     weight_blocks,
 )
 from dino_scale.train.checkpoint import IncompatibleCheckpoint, one_line
-from dino_scale.train.optim import create_optimizer, set_hyperparameters
+from dino_scale.train.optim import (
+    LAST_LAYER_PREFIX,
+    create_optimizer,
+    last_layer_parameters,
+    set_hyperparameters,
+)
 
 log = logging.getLogger("dino_scale")
 
@@ -91,16 +109,39 @@ class DeepSpeedBackend(Backend):
                 f"deepspeed.{refused[0]}: remove it from the recipe; the optimizer and its lr / weight-decay "
                 "schedules come from the `optim` section and are applied by dino-scale every step"
             )
+        offload = ((cfg.deepspeed.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device")
+        # An optimizer state swapped out to NVMe cannot be reset in place: the frozen last layer keeps lr 0 only.
+        self._resets_last_layer = offload != "nvme"
+        if self.clips_per_parameter and offload not in (None, "none"):
+            raise ConfigError(
+                f"optim.clip_mode=per_param cannot clip the gradients DeepSpeed offloads "
+                f"(deepspeed.zero_optimization.offload_optimizer, device {offload}); set optim.clip_mode=global"
+            )
         self.device = resolve_device(cfg.device, env.local_rank)
         self.deepspeed = _import_deepspeed(self.device)
         self.deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo", verbose=False)
         self.rank, self.world_size = env.rank, env.world_size
         self.engine: Any = None
         self._group_names: list[list[str]] = []
+        self._optimizer: torch.optim.Optimizer | None = None  # ours, which DeepSpeed may wrap
+        self._gradients = ""  # where this rank's gradients are at the step: see _gradient_pieces
+
+    @property
+    def clips_per_parameter(self) -> bool:
+        return self.cfg.optim.clip_mode == "per_param" and self.cfg.clip_grad > 0
+
+    @property
+    def _plain_zero0(self) -> bool:
+        """ZeRO-0 with fp32 weights (fp32 or torch_autocast): the engine steps our optimizer itself, over whole
+        gradients in `.grad`, so this backend clips and freezes exactly as DDP does (DeepSpeed's clipping off)."""
+        return self.zero_stage == 0 and not self._low_precision_weights()
 
     def engine_config(self) -> dict[str, Any]:
-        """The recipe's block with the batch sizes resolved for this world size and our optimizer allowed."""
+        """The recipe's block with the batch sizes resolved for this world size and our optimizer allowed. DeepSpeed's
+        own `gradient_clipping` (global) is 0 where this backend clips (per parameter, or plain ZeRO-0 in any mode)."""
         config = copy.deepcopy(self.cfg.deepspeed)
+        if self.clips_per_parameter or self._plain_zero0:
+            config["gradient_clipping"] = 0.0
         config["train_micro_batch_size_per_gpu"] = self.batch.micro_batch
         config["gradient_accumulation_steps"] = self.batch.accumulation_steps
         config["train_batch_size"] = self.batch.global_batch
@@ -116,7 +157,7 @@ class DeepSpeedBackend(Backend):
     def prepare(self, student: nn.Module) -> nn.Module:
         student = sync_batch_norm(student, self.device)
         self._student = student.to(self.device)
-        optimizer = create_optimizer(student, self.cfg.optim)
+        optimizer = self._optimizer = create_optimizer(student, self.cfg.optim)
         names = {id(p): name for name, p in student.named_parameters()}
         self._group_names = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
         try:
@@ -128,7 +169,39 @@ class DeepSpeedBackend(Backend):
                 f"DeepSpeed rejected the recipe's deepspeed block {self.cfg.deepspeed}: {type(error).__name__}: {error}"
             ) from error
         self._install_checkpoint_io()
+        self._gradients = self._gradient_location()
         return self.engine
+
+    def _gradient_location(self) -> str:
+        """Where the reduced gradients wait between the last backward and the engine's step: "module" (whole, in
+        each parameter's `.grad`: ZeRO-0), "zero12" (each rank's fragments of the flat partitions, ZeRO-1/2),
+        "zero3" (each rank's partition, read and written through deepspeed.utils' local-gradient API). Refuses
+        per-parameter clipping where none of these holds."""
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+        optimizer = self.engine.optimizer
+        location = ""
+        if optimizer is self._optimizer or (self.zero_stage == 0 and not isinstance(optimizer, DeepSpeedZeroOptimizer)):
+            location = "module"
+        elif isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3):
+            location = "zero3"
+        elif type(optimizer) is DeepSpeedZeroOptimizer and not optimizer.cpu_offload:
+            trainable = [p for p in self.student.parameters() if p.requires_grad]
+            # bf16 weights with fp32 gradient accumulation keep padded "compact" buffers that the fragments do not map
+            compact = getattr(optimizer, "_use_compact_grad_partition_buffer", lambda _: False)
+            if all(hasattr(p, "_hp_mapping") for p in trainable) and not any(
+                compact(index) for index in range(len(optimizer.bit16_groups))
+            ):
+                location = "zero12"
+        if self._plain_zero0 and optimizer is not self._optimizer:
+            raise RuntimeError(f"DeepSpeed wrapped the optimizer of a plain ZeRO-0 engine ({type(optimizer).__name__})")
+        if not location and self.clips_per_parameter:
+            raise ConfigError(
+                f"optim.clip_mode=per_param cannot reach the gradients of DeepSpeed's {type(optimizer).__name__} (ZeRO "
+                f"stage {self.zero_stage} with this deepspeed block's precision settings); set optim.clip_mode=global"
+            )
+        return location
 
     def backward(self, loss: torch.Tensor, sync_gradients: bool) -> None:
         # The loop already divided the loss by the accumulation steps.
@@ -146,28 +219,127 @@ class DeepSpeedBackend(Backend):
     def optimizer_step(
         self, lr: float, weight_decay: float, freeze_last_layer: bool, flags: dict[str, torch.Tensor]
     ) -> StepResult:
+        # The last layer's lr is 0 while it is frozen: what freezes it where its gradient cannot be dropped.
         set_hyperparameters(self.engine.optimizer, lr, weight_decay, freeze_last_layer)
         if not self.engine.is_gradient_accumulation_boundary():
             raise RuntimeError("optimizer_step() called off DeepSpeed's gradient accumulation boundary")
+        own_norm = self._clip()  # None where DeepSpeed clips (globally) inside its step and reports the norm
+        if freeze_last_layer and self._plain_zero0:
+            drop_gradients(last_layer_parameters(self.student))  # our AdamW skips it, as in official DINO
+        if own_norm is not None:
+            flags = {**flags, "gradient_norm": ~torch.isfinite(own_norm)}
         bad = self.non_finite(flags)  # before the engine's step, which would apply them
         if bad and not self.cfg.fp16:
-            return StepResult(torch.tensor(float("nan")), bad, applied=False, recoverable=False)
-        # ZeRO-0 in fp32 does not report the norm: the gradients are whole on every rank, so take it here.
-        grads = [p.grad for p in self.student.parameters() if p.grad is not None] if self.zero_stage == 0 else []
-        own_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads else None
+            nan = torch.tensor(float("nan"))
+            return StepResult(own_norm if own_norm is not None else nan, bad, applied=False, recoverable=False)
         self.engine.step()
+        if freeze_last_layer and not self._plain_zero0 and self._resets_last_layer:
+            self._reset_last_layer_state()
+        if own_norm is not None:
+            return StepResult(own_norm.detach(), bad, applied=not bad)  # fp16 `bad`: the loss scaler skipped it
         norm = self.engine.get_global_grad_norm()
         if norm is None:
-            if own_norm is None:
-                raise RuntimeError("DeepSpeed reported no gradient norm for this step")
-            grad_norm = own_norm.detach()
-        else:
-            grad_norm = torch.as_tensor(float(norm))
+            raise RuntimeError("DeepSpeed reported no gradient norm for this step")
+        grad_norm = torch.as_tensor(float(norm))
         if bad:  # fp16: the loss scaler saw the overflow and skipped the update
             return StepResult(grad_norm, bad, applied=False)
         if not self.cfg.fp16 and not bool(torch.isfinite(grad_norm)):  # a host float already: no extra sync
             return StepResult(grad_norm, ["gradient_norm"], applied=False, recoverable=False)
         return StepResult(grad_norm, [])
+
+    def _last_layer_partitions(self) -> list[torch.Tensor]:
+        """The tensors DeepSpeed's inner (torch) optimizer steps for the head's last layer: the fp32 flat partitions
+        of its param groups on this rank (ZeRO 1-3; ZeRO-3 one per sub-group), or its fp32 master copies (ZeRO-0 with
+        DeepSpeed's bf16 / fp16). Our param groups keep their `last_layer` flag inside DeepSpeed."""
+        wrapper = self.engine.optimizer
+        inner = wrapper.optimizer
+        frozen = {index for index, group in enumerate(inner.param_groups) if group.get("last_layer", False)}
+        if hasattr(wrapper, "sub_group_to_group_id"):  # ZeRO-3: the groups hold their flats only while stepping
+            flats = wrapper.fp32_partitioned_groups_flat
+            return [flat for sub, flat in enumerate(flats) if wrapper.sub_group_to_group_id[sub] in frozen]
+        return [p for index in frozen for p in inner.param_groups[index]["params"]]
+
+    def _reset_last_layer_state(self) -> None:
+        """Where DeepSpeed flattens the gradients (so the last layer's cannot be dropped alone), its lr of 0 leaves
+        its weights exactly as they were (AdamW's decay is lr * wd too); its optimizer state is then reset to that of
+        a fresh optimizer (every tensor zero: moments, step count, momentum buffers), which is what AdamW / SGD /
+        LARS start from. So the first update after the freeze is that of official DINO, whose optimizer never saw
+        the last layer during it."""
+        inner = self.engine.optimizer.optimizer
+        for partition in self._last_layer_partitions():
+            for value in inner.state.get(partition, {}).values():
+                if torch.is_tensor(value):
+                    value.zero_()
+
+    def _clip(self) -> torch.Tensor | None:
+        """Clip this step's reduced gradients before the engine's step, where this backend does: per parameter
+        (official DINO) with one all-reduce of their squared norms over all parameters wherever the gradients are
+        partitioned, or globally on plain ZeRO-0. Returns the norm of all gradients together before clipping (true
+        units), or None where DeepSpeed clips (globally) and measures inside its step."""
+        clip = self.cfg.clip_grad
+        if self._plain_zero0:
+            scaler = getattr(self.engine, "torch_autocast_z0_gradscaler", None)
+            if scaler is not None and scaler.is_enabled():
+                scaler.unscale_(self.engine.optimizer)  # its step() knows, and skips on an overflow it saw here
+            return clip_module_gradients(self.student, self.cfg, self.device)
+        if not self.clips_per_parameter:
+            return None
+        parameters, pieces = self._gradient_pieces()
+        scale = self._gradient_scale()
+        if self._gradients != "zero3":  # views of the gradients DeepSpeed will step with: scaled in place
+            reduce = None if self._gradients == "module" else self._all_reduce
+            return clip_each_(pieces, clip, self.device, reduce=reduce, scale=scale)
+        from deepspeed.utils import safe_set_local_grad
+
+        squared = squared_norms(pieces, self.device)
+        self._all_reduce(squared)
+        for parameter, piece, coefficient in zip(
+            parameters, pieces, clip_coefficients(squared, clip, scale).unbind(), strict=True
+        ):
+            safe_set_local_grad(parameter, piece * coefficient)
+        return squared.sum().sqrt() / scale
+
+    def _gradient_pieces(self) -> tuple[list[nn.Parameter], list[torch.Tensor]]:
+        """The trainable parameters that have a gradient on this rank, and this rank's piece of each: the same
+        parameters in the same order on every rank wherever the pieces are partitioned (an empty piece where this rank
+        holds none of a parameter)."""
+        trainable = [p for p in self.student.parameters() if p.requires_grad]
+        if self._gradients == "module":
+            with_grad = [p for p in trainable if p.grad is not None]
+            return with_grad, [p.grad for p in with_grad]
+        if self._gradients == "zero3":
+            from deepspeed.utils import safe_get_local_grad
+
+            return trainable, [safe_get_local_grad(p) for p in trainable]  # fp32, every trainable parameter
+        pieces = []
+        for p in trainable:
+            mapping = p._hp_mapping
+            if mapping is None:  # none of it in this rank's partition
+                pieces.append(torch.zeros(0, device=self.device))
+                continue
+            piece = mapping.get_lp_grad_fragment(p._index_in_param_group)
+            if piece.numel() != mapping.lp_fragment_address.numel:
+                raise RuntimeError(
+                    f"DeepSpeed's ZeRO gradient fragment of a parameter holds {piece.numel()} values, its address "
+                    f"{mapping.lp_fragment_address.numel}: this DeepSpeed version lays out ZeRO-1/2 gradients "
+                    "differently; set optim.clip_mode=global"
+                )
+            pieces.append(piece)
+        return trainable, pieces
+
+    def _gradient_scale(self) -> float:
+        """The loss scale this step's reduced gradients still carry (fp16 only; 1 otherwise)."""
+        if not self.cfg.fp16:
+            return 1.0
+        optimizer = self.engine.optimizer
+        scaler = getattr(optimizer, "torch_autocast_gradscaler", None)  # ZeRO with torch_autocast fp16
+        if scaler is not None and not getattr(optimizer, "custom_loss_scaler", False):
+            return float(scaler.get_scale())
+        return float(getattr(optimizer, "loss_scale", 1.0))
+
+    def _all_reduce(self, tensor: torch.Tensor) -> None:
+        if self.distributed:
+            dist.all_reduce(tensor)
 
     def _low_precision_weights(self) -> bool:
         return any(self.cfg.deepspeed.get(key, {}).get("enabled", False) for key in ("bf16", "fp16"))
@@ -261,15 +433,27 @@ class DeepSpeedBackend(Backend):
         # group, when the other groups have no state yet (DeepSpeed 0.19); relink now that all groups have it.
         optimizer._hp_optimizer_states_linked = False
         optimizer._lazy_init_hp_params_optimizer_state()
-        flat_state = next(iter(base.state.values()))
-        keys = [k for k, v in flat_state.items() if torch.is_tensor(v) and v.dim() > 0]
+        # Each param group is one flat partition with its own step count (the last layer's restarts after its freeze);
+        # one that has never been stepped (every step so far skipped by the fp16 loss scaler) has no state: its
+        # parameters get none either, as with a torch optimizer.
+        group_states = [base.state.get(group["params"][0], {}) for group in base.param_groups]
+        stepped = [state for state in group_states if "step" in state]
+        keys = [k for k, v in (stepped[0] if stepped else {}).items() if torch.is_tensor(v) and v.dim() > 0]
+        steps = {
+            name: state["step"]
+            for state, names in zip(group_states, self._group_names, strict=True)
+            if "step" in state
+            for name in names
+        }
         weights = _cpu(self.student.state_dict())
         named_state: dict[str, Any] = {}
         for name, parameter in self.student.named_parameters():
             if not parameter.requires_grad:
                 continue
             weights[name] = safe_get_full_fp32_param(parameter).detach().cpu()
-            named_state[name] = {"step": flat_state["step"].detach().cpu().clone()}
+            if name not in steps:
+                continue
+            named_state[name] = {"step": steps[name].detach().cpu().clone()}
             for key in keys:
                 named_state[name][key] = safe_get_full_optimizer_state(parameter, key).detach().cpu()
         groups = [
@@ -334,18 +518,25 @@ class DeepSpeedBackend(Backend):
         base = optimizer.optimizer
         if not base.state:
             # The base optimizer creates its state lazily at the first step; create it now (zeros, then filled
-            # below through DeepSpeed's own per-parameter setters) so that the fp32 partitions can be written.
+            # below through DeepSpeed's own per-parameter setters) so that the fp32 partitions can be written. Each
+            # param group (one flat partition) takes its own step count; a group none of whose parameters has a state
+            # (the last layer, saved during its freeze by a backend that skips it) starts fresh: zeros, step 0.
             example = next(iter(named.values()))
-            for flat in optimizer.single_partition_of_fp32_groups:
+            for group, names in zip(base.param_groups, self._group_names, strict=True):
+                flat = group["params"][0]
+                saved = next((named[name] for name in names if name in named), None)
                 base.state[flat] = {k: torch.zeros_like(flat) for k in example if k != "step"}
-                base.state[flat]["step"] = example["step"].clone().to(flat.device)
+                step = saved["step"] if saved is not None else torch.zeros_like(example["step"])
+                base.state[flat]["step"] = step.clone().to(flat.device)
             optimizer._lazy_init_hp_params_optimizer_state()
         for name, parameter in self.student.named_parameters():
             if not parameter.requires_grad:
                 continue
-            if name not in named:
-                raise CheckpointError(f"{path}: no optimizer state for parameter {name!r}")
             safe_set_full_fp32_param(parameter, portable["student"][name].to(self.device))
+            if name not in named:
+                if name.startswith(LAST_LAYER_PREFIX):  # frozen when saved: a fresh state, as official DINO's
+                    continue
+                raise CheckpointError(f"{path}: no optimizer state for parameter {name!r}")
             for key, value in named[name].items():
                 if key != "step":
                     safe_set_full_optimizer_state(parameter, value.to(self.device), key)

@@ -4,6 +4,8 @@ Each transformer block (or ResNet stage) of the backbone is one FSDP unit, the h
 rest (patch embedding, tokens, final norm). A unit's parameters are all-gathered just before it runs and freed after;
 its gradients are reduce-scattered after its backward. Between steps every parameter is a dim-0 `DTensor` shard in
 fp32, which is what the optimizer updates and what `student_weight_groups` gathers, one unit at a time, for the EMA.
+Per-parameter clipping (official DINO) takes each gradient's norm from its shards' squared norms, all parameters in
+one all-reduce, and scales each rank's shards in place; the frozen last layer's shards lose their gradients.
 
 Checkpoints are folders: ``dcp/`` (torch.distributed.checkpoint, one file per rank plus metadata; DCP reshards on
 load, so a run may resume on another number of processes) beside ``trainer_state.pt``. Single-file checkpoints of the
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint._traverse import set_element
@@ -40,9 +43,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 from torch.futures import Future
 
 from dino_scale import run_dir as layout
@@ -55,7 +58,9 @@ from dino_scale.train.backends.base import (
     StepResult,
     apply_if_finite,
     check_portable_state,
+    clip_each_,
     commit_checkpoint_dir,
+    drop_gradients,
     init_process_group,
     launch_environment,
     portable_student_state,
@@ -67,7 +72,12 @@ from dino_scale.train.backends.base import (
     sync_batch_norm,
 )
 from dino_scale.train.checkpoint import IncompatibleCheckpoint, one_line
-from dino_scale.train.optim import create_optimizer, set_hyperparameters
+from dino_scale.train.optim import (
+    LAST_LAYER_PREFIX,
+    create_optimizer,
+    last_layer_parameters,
+    set_hyperparameters,
+)
 
 log = logging.getLogger("dino_scale")
 
@@ -107,6 +117,15 @@ def shard_units(student: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(names[id(m)], m) for m in candidates if any(True for _ in m.parameters())]
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a dim-0 sharded DTensor (a view: scaling it in place scales the DTensor's part). Anything
+    else (a replicated gradient would be counted once per rank by the sum over the mesh) is refused."""
+    placements = tensor.placements if isinstance(tensor, DTensor) else "a plain tensor"
+    if placements != (Shard(0),):
+        raise RuntimeError(f"fsdp: expected gradients sharded on dim 0 over a 1-D mesh, got {placements}")
+    return tensor.to_local()
+
+
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor on every rank: all-gathers a DTensor shard, returns a plain tensor as is."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
@@ -134,6 +153,7 @@ class FSDPBackend(Backend):
         self.rank, self.world_size = env.rank, env.world_size
         self.optimizer: torch.optim.Optimizer | None = None
         self._groups: list[list[str]] = []
+        self._mesh: DeviceMesh | None = None
 
     @property
     def _module(self) -> FSDPModule:
@@ -147,7 +167,7 @@ class FSDPBackend(Backend):
         """Shard the student in place (blocks, head, root) and create the optimizer over the shards."""
         student = student.to(self.device)
         student = sync_batch_norm(student, self.device)  # before sharding
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        mesh = self._mesh = init_device_mesh(self.device.type, (self.world_size,))
         options: dict[str, Any] = {"mesh": mesh}
         if self.cfg.autocast_dtype is not None:
             # Parameters are all-gathered already cast (half the traffic); the shards, the gradients' reduction
@@ -191,9 +211,22 @@ class FSDPBackend(Backend):
         assert self.optimizer is not None
         set_hyperparameters(self.optimizer, lr, weight_decay, freeze_last_layer)
         parameters = [p for p in self.student.parameters() if p.grad is not None]
-        max_norm = self.cfg.clip_grad if self.cfg.clip_grad > 0 else float("inf")
-        # On DTensor gradients the norm is global: local shard norms combined over the mesh.
-        grad_norm = _full(torch.nn.utils.clip_grad_norm_(parameters, max_norm)).detach()
+        if self.cfg.optim.clip_mode == "per_param":
+            # Each gradient is a dim-0 DTensor shard: the squared norms of this rank's shards, summed over the mesh
+            # in one all-reduce, are those of the whole gradients; each rank then scales its own shards.
+            group = self._mesh.get_group() if self._mesh is not None else None
+            grad_norm = clip_each_(
+                [_local(p.grad) for p in parameters],
+                self.cfg.clip_grad,
+                self.device,
+                reduce=lambda squared: dist.all_reduce(squared, group=group),
+            )
+        else:
+            max_norm = self.cfg.clip_grad if self.cfg.clip_grad > 0 else float("inf")
+            # On DTensor gradients the norm is global: local shard norms combined over the mesh.
+            grad_norm = _full(torch.nn.utils.clip_grad_norm_(parameters, max_norm)).detach()
+        if freeze_last_layer:
+            drop_gradients(last_layer_parameters(self.student))  # the shards' gradients, on every rank
         result = apply_if_finite(self, self.optimizer, grad_norm, flags, self.optimizer.step)
         self.optimizer.zero_grad(set_to_none=True)
         return result
@@ -253,13 +286,32 @@ class FSDPBackend(Backend):
             "optimizer": get_optimizer_state_dict(self.student, self.optimizer),
         }
         reader = SafeFileSystemReader(path / DCP_SUBDIR)
-        reader.read_metadata()  # every rank: refused or unreadable metadata stops all of them with one clear line
+        metadata = reader.read_metadata()  # every rank: refused or unreadable metadata stops all with one clear line
+        saved = metadata.state_dict_metadata
+        fresh = [
+            name
+            for name in sharded["optimizer"]["state"]
+            if name.startswith(LAST_LAYER_PREFIX) and not any(k.startswith(f"optimizer.state.{name}.") for k in saved)
+        ]
+        for name in fresh:  # saved while frozen: nothing to read for it
+            del sharded["optimizer"]["state"][name]
         try:
             dcp.load(sharded, storage_reader=reader, planner=WeightsOnlyLoadPlanner(reader))
         except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
             raise CheckpointError(f"{path}: cannot load the FSDP checkpoint: {one_line(error)}") from error
         set_model_state_dict(self.student, sharded["model"])
-        set_optimizer_state_dict(self.student, self.optimizer, sharded["optimizer"])
+        options = StateDictOptions(strict=not fresh)
+        set_optimizer_state_dict(self.student, self.optimizer, sharded["optimizer"], options=options)
+        self._forget_state(fresh)
+
+    def _forget_state(self, names: list[str]) -> None:
+        """Leave these parameters without optimizer state, as a fresh optimizer: the head's last layer in a
+        checkpoint saved while it was frozen (official DINO's optimizer has not seen it then; torch's state-dict
+        loader would otherwise leave the placeholder state of its template, a step already counted)."""
+        assert self.optimizer is not None
+        parameters = dict(self.student.named_parameters())
+        for name in names:
+            self.optimizer.state.pop(parameters[name], None)
 
     def _load_full(self, path: Path, state: dict[str, Any]) -> None:
         """A name-keyed full student + optimizer state (local / ddp file, or a folder with student_full.pt)."""
@@ -277,13 +329,21 @@ class FSDPBackend(Backend):
         check_portable_state(self.student, portable, path)  # before anything is loaded
         # Every rank reads the file (it must be visible to all of them anyway) and keeps only its own slices.
         options = StateDictOptions(full_state_dict=True, strict=True)
+        missing = [
+            name
+            for name, p in self.student.named_parameters()
+            if p.requires_grad and name not in portable["optimizer"]["state"]
+        ]
+        fresh = missing if all(name.startswith(LAST_LAYER_PREFIX) for name in missing) else []  # saved while frozen
         try:
             set_model_state_dict(self.student, portable["student"], options=options)
-            set_optimizer_state_dict(self.student, self.optimizer, portable["optimizer"], options=options)
+            optimizer_options = dataclasses.replace(options, strict=not fresh)
+            set_optimizer_state_dict(self.student, self.optimizer, portable["optimizer"], options=optimizer_options)
         except (RuntimeError, KeyError, ValueError) as error:
             raise CheckpointError(
                 f"{path}: its student / optimizer state does not fit this model and optimizer: {one_line(error)}"
             ) from error
+        self._forget_state(fresh)
         if portable.get("grad_scaler"):
             log.warning("%s: ignoring its fp16 loss-scaler state (backend=fsdp trains in bf16 or fp32)", path)
 

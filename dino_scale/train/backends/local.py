@@ -23,6 +23,8 @@ from dino_scale.train.backends.base import (
     agree,
     apply_if_finite,
     check_portable_state,
+    clip_module_gradients,
+    drop_gradients,
     init_process_group,
     launch_environment,
     load_named_optimizer_state,
@@ -35,7 +37,7 @@ from dino_scale.train.backends.base import (
     sync_batch_norm,
 )
 from dino_scale.train.checkpoint import save_checkpoint
-from dino_scale.train.optim import create_optimizer, set_hyperparameters
+from dino_scale.train.optim import create_optimizer, last_layer_parameters, set_hyperparameters
 
 log = logging.getLogger("dino_scale")
 
@@ -71,10 +73,10 @@ class LocalBackend(Backend):
     ) -> StepResult:
         assert self.optimizer is not None
         set_hyperparameters(self.optimizer, lr, weight_decay, freeze_last_layer)
-        self.scaler.unscale_(self.optimizer)
-        parameters = [p for p in self.student.parameters() if p.grad is not None]
-        max_norm = self.cfg.clip_grad if self.cfg.clip_grad > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm).detach()
+        self.scaler.unscale_(self.optimizer)  # clipping sees true gradients (a no-op without fp16)
+        grad_norm = clip_module_gradients(self.student, self.cfg, self.device)
+        if freeze_last_layer:
+            drop_gradients(last_layer_parameters(self.student))
         result = apply_if_finite(self, self.optimizer, grad_norm, flags, lambda: self.scaler.step(self.optimizer))
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

@@ -18,7 +18,7 @@ from torch import nn
 
 from dino_scale.errors import CheckpointError
 from dino_scale.io import save_safetensors
-from dino_scale.models.weights import extract_backbone_state_dict, load_backbone_weights
+from dino_scale.models.weights import extract_backbone_state_dict, load_backbone_weights, load_source
 from dino_scale.train.checkpoint import save_checkpoint
 
 EMBED = 48
@@ -274,3 +274,30 @@ def test_wrong_architecture_error_is_readable() -> None:
     with pytest.raises(ValueError, match=r"unexpected keys \(\d+\): bn1.bias, bn1.num_batches_tracked") as info:
         load_backbone_weights(tiny_vit(), resnet_weights, source="resnet.pth")
     assert "missing keys (30): blocks.0.attn.proj.bias" in str(info.value)
+
+
+# --- the position-embedding interpolation a source records ---------------------------------------------------------
+
+
+def test_sources_record_their_pos_embed_interpolation(tmp_path: Path) -> None:
+    """build_backbone resamples with what the weights were trained with (see test_pos_embed.py); where a source does
+    not say (official releases, older runs), nothing is recorded and the official method applies."""
+    teacher = Wrapper(tiny_vit(seed=13))
+    state = {"student": teacher.state_dict(), "teacher": teacher.state_dict(), "step": 1}
+    config = {"model": {"arch": "vit_tiny_patch16_224", "timm_kwargs": {}, "pos_embed_interpolation": "timm"}}
+    ours = save_checkpoint(tmp_path / "run", 1, {**state, "config": config})
+    assert load_source(ours).pos_embed_interpolation == "timm"
+    older = save_checkpoint(tmp_path / "old", 1, {**state, "config": {"model": {"arch": "vit_tiny_patch16_224"}}})
+    assert load_source(older).pos_embed_interpolation is None
+
+    backbone = teacher.backbone.state_dict()
+    recorded = tmp_path / "recorded.safetensors"
+    save_safetensors(backbone, recorded, metadata={"arch": "tiny", "pos_embed_interpolation": "official"})
+    assert load_source(recorded).pos_embed_interpolation == "official"
+    junk = tmp_path / "junk.safetensors"
+    save_safetensors(backbone, junk, metadata={"arch": "tiny", "pos_embed_interpolation": "nearest"})
+    assert load_source(junk).pos_embed_interpolation is None
+
+    official = tmp_path / "checkpoint.pth"
+    torch.save(_official_full_checkpoint(teacher.backbone, teacher.backbone), official)
+    assert load_source(official).pos_embed_interpolation is None

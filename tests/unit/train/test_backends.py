@@ -122,3 +122,38 @@ def test_deepspeed_block_that_deepspeed_rejects_is_named_before_any_step(tmp_pat
     assert not (run_dir / "metrics.jsonl").exists() or not json.loads(
         "[" + ",".join((run_dir / "metrics.jsonl").read_text().splitlines()) + "]"
     )
+
+
+@pytest.mark.parametrize(
+    ("stage", "mode", "precision", "engine_clip"),
+    [
+        (2, "per_param", None, 0.0),  # we clip each gradient before the engine's step: DeepSpeed must not clip again
+        (3, "per_param", None, 0.0),
+        (2, "global", None, 3.0),  # DeepSpeed's own global clipping, as before
+        (0, "global", None, 0.0),  # plain ZeRO-0 clips as DDP does (before the last layer's gradients are dropped)
+        (0, "global", '{"enabled": true}', 3.0),  # ZeRO-0 with DeepSpeed's bf16: its optimizer wrapper clips
+        (0, "per_param", '{"enabled": true}', 0.0),
+    ],
+)
+def test_deepspeed_clips_only_where_we_do_not(stage: int, mode: str, precision: str | None, engine_clip: float) -> None:
+    pytest.importorskip("deepspeed")
+    from dino_scale.train.backends.deepspeed import DeepSpeedBackend
+
+    sets = [f"deepspeed.zero_optimization.stage={stage}", f"optim.clip_mode={mode}"]
+    cfg = load_config("tiny-test.json", sets + ([f"deepspeed.bf16={precision}"] if precision else []))
+    backend = DeepSpeedBackend.__new__(DeepSpeedBackend)  # engine_config() needs no process group
+    backend.cfg, backend.batch = cfg, cfg.batch_plan(1)
+    assert cfg.clip_grad == 3.0 and backend.engine_config()["gradient_clipping"] == engine_clip
+
+
+def test_deepspeed_refuses_per_parameter_clipping_it_cannot_do_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("deepspeed")
+    from dino_scale.errors import ConfigError
+
+    set_env(monkeypatch, **RENDEZVOUS, WORLD_SIZE="1")
+    offload = 'deepspeed.zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}'
+    with pytest.raises(ConfigError, match=r"offload_optimizer.*set optim.clip_mode=global") as refused:
+        make_backend(load_config("tiny-test.json", ["backend=deepspeed", offload]))
+    assert "\n" not in str(refused.value)
+    cfg = load_config("tiny-test.json", ["backend=deepspeed", offload, "optim.clip_mode=global"])
+    assert cfg.optim.clip_mode == "global"  # what the message says to set is accepted
