@@ -119,10 +119,25 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], needed: int | 
     except BaseException as error:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError) and not isinstance(error, WriteFailed):
-            raise write_failure(path, error, needed) from error
+        cause = _os_error_behind(error)
+        if cause is not None:
+            raise write_failure(path, cause, needed) from error
         raise
     fsync_dir(path.parent)
+
+
+def _os_error_behind(error: BaseException) -> OSError | None:
+    """The OSError that made a write fail: the error itself, or one it was raised while handling. torch.save that
+    runs out of space mid-file raises the OSError, then a RuntimeError ("unexpected pos") from closing its zip
+    writer, which hides it."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, WriteFailed):
+            return None
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def tensor_bytes(obj: Any) -> int:

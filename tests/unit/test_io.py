@@ -212,3 +212,17 @@ def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_an_os_error_hidden_behind_another_is_still_a_write_failure(tmp_path: Path, monkeypatch) -> None:
+    # What torch.save does when the disk fills mid-file: the OSError, then a RuntimeError from closing its zip writer.
+    def save(obj: Any, f: Any) -> None:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        finally:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1376576 vs 1376464")
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(WriteFailed, match=r"^cannot write .*ckpt\.pt: No space left on device \("):
+        atomic_torch_save({"w": torch.zeros(4)}, tmp_path / "ckpt.pt")
+    assert list(tmp_path.iterdir()) == []
