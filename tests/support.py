@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +65,35 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def run_ranks(
+    args: list[str], world: int, logs: list[Path], env: dict[str, str], timeout: float, cwd: Path | None = None
+) -> None:
+    """Run `args` as ranks 0..world-1 of one job (the rendezvous variables torchrun would set; `env` may carry
+    MASTER_PORT) and wait for all of them. A rank that fails, or a job past `timeout`, stops the others (they would
+    wait in a collective forever); then fail with every rank's log tail."""
+    procs = []
+    for rank in range(world):
+        ranks = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)}
+        rank_env = {**env, "MASTER_ADDR": "127.0.0.1", **ranks}
+        with logs[rank].open("w") as log:
+            procs.append(subprocess.Popen(args, cwd=cwd, env=rank_env, stdout=log, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + timeout
+    try:
+        while any(p.poll() is None for p in procs):
+            if any(p.returncode not in (None, 0) for p in procs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    report = "\n".join(
+        f"--- rank {r} (exit {p.returncode}) ---\n{logs[r].read_text()[-5000:]}" for r, p in enumerate(procs)
+    )
+    assert all(p.returncode == 0 for p in procs), report
 
 
 # --- runs, checkpoints, exports ---------------------------------------------------------------------------------

@@ -7,12 +7,9 @@ on 1), shared by the tests through module-scoped fixtures. The one-process refer
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +20,7 @@ TESTS = Path(__file__).resolve().parents[1]
 if str(TESTS) not in sys.path:  # when run as a script by the workers
     sys.path.insert(0, str(TESTS))
 
-from support import REPO, free_port  # noqa: E402
+from support import REPO, free_port, run_ranks  # noqa: E402
 
 from dino_scale import run_dir as layout  # noqa: E402
 from dino_scale.config import TrainConfig, load_config  # noqa: E402
@@ -210,39 +207,14 @@ def _worker(mode: str, out: Path, extra: list[str]) -> None:
 
 def launch(world: int, mode: str, out: Path, *extra: str, timeout: float = 120.0) -> None:
     """Run `_worker` on `world` processes with torchrun's rendezvous variables; fail with their output."""
-    port = free_port()
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MASTER_PORT": str(free_port()),
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)]),
+    }
     logs = [out / f"{mode}{world}_rank{rank}.log" for rank in range(world)]
-    procs: list[subprocess.Popen] = []
-    with contextlib.ExitStack() as stack:
-        for rank in range(world):
-            env = {
-                **os.environ,
-                "OMP_NUM_THREADS": "1",
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                "RANK": str(rank),
-                "LOCAL_RANK": str(rank),
-                "WORLD_SIZE": str(world),
-                "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)]),
-            }
-            log = stack.enter_context(logs[rank].open("w"))
-            command = [sys.executable, __file__, mode, str(out), *extra]
-            procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + timeout
-        try:
-            while any(p.poll() is None for p in procs):
-                if any(p.returncode not in (None, 0) for p in procs) or time.monotonic() > deadline:
-                    break  # a rank died (the others would wait in a collective forever) or the run hangs
-                time.sleep(0.1)
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-    report = "\n".join(
-        f"--- rank {rank} (exit {p.returncode}) ---\n{logs[rank].read_text()[-4000:]}" for rank, p in enumerate(procs)
-    )
-    assert all(p.returncode == 0 for p in procs), report
+    run_ranks([sys.executable, __file__, mode, str(out), *extra], world, logs, env, timeout)
 
 
 # --- fixtures: one reference run here, one 2-process and one 1-process run ------------------------------------

@@ -29,7 +29,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from support import REPO, free_port
+from support import REPO, free_port, run_ranks
 
 pytest.importorskip("deepspeed")
 
@@ -298,34 +298,9 @@ def launch_plan(world: int, out: Path, plan: list[dict], timeout: float = 600.0)
     plan_file.write_text(json.dumps([{**action, "port": free_port()} for action in plan]))
     tests = Path(__file__).resolve().parents[1]
     logs = [out / f"plan_rank{rank}.log" for rank in range(world)]
-    procs = []
-    for rank in range(world):
-        rank_env = {
-            **env(),
-            "MASTER_ADDR": "127.0.0.1",
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "PYTHONPATH": os.pathsep.join([str(REPO), str(tests), str(tests / "integration"), str(tests / "faults")]),
-        }
-        with logs[rank].open("w") as log:
-            command = [sys.executable, __file__, str(plan_file), str(out)]
-            procs.append(subprocess.Popen(command, cwd=REPO, env=rank_env, stdout=log, stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + timeout
-    try:
-        while any(p.poll() is None for p in procs):
-            if any(p.returncode not in (None, 0) for p in procs) or time.monotonic() > deadline:
-                break  # a rank died (the others would wait in a collective) or the plan hangs
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    report = "\n".join(
-        f"--- rank {r} (exit {p.returncode}) ---\n{logs[r].read_text()[-5000:]}" for r, p in enumerate(procs)
-    )
-    assert all(p.returncode == 0 for p in procs), report
+    paths = [str(REPO), str(tests), str(tests / "integration"), str(tests / "faults")]
+    rank_env = {**env(), "PYTHONPATH": os.pathsep.join(paths)}
+    run_ranks([sys.executable, __file__, str(plan_file), str(out)], world, logs, rank_env, timeout, cwd=REPO)
     return [json.loads((out / f"plan_rank{rank}.json").read_text()) for rank in range(world)]
 
 
