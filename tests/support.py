@@ -9,6 +9,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,6 +59,16 @@ def noise_image(width: int = 128, height: int = 96, seed: int = 0) -> Image.Imag
 
 def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def set_key(obj: Any, path: tuple[Any, ...], value: Any = None, delete: bool = False) -> None:
+    """Set the nested key `path` of a JSON-like `obj` to `value` in place, or delete it (tampering tests)."""
+    for key in path[:-1]:
+        obj = obj[key]
+    if delete:
+        del obj[path[-1]]
+    else:
+        obj[path[-1]] = value
 
 
 def free_port() -> int:

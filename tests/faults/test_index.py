@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from support import ARCH, REPO, TINY, gradient_photo
+from support import ARCH, REPO, TINY, gradient_photo, set_key
 
 from dino_scale import io as dio
 from dino_scale.cli import main as cli
@@ -189,16 +189,7 @@ def edit(change: Callable[[dict[str, Any]], None]) -> Callable[[str], str]:
 
 
 def setting(*path: object, value: Any = None, delete: bool = False) -> Callable[[str], str]:
-    def change(manifest: dict[str, Any]) -> None:
-        obj: Any = manifest
-        for key in path[:-1]:
-            obj = obj[key]
-        if delete:
-            del obj[path[-1]]
-        else:
-            obj[path[-1]] = value
-
-    return edit(change)
+    return edit(lambda manifest: set_key(manifest, path, value, delete))
 
 
 # (case, tamper, what the one-line error holds besides manifest.json, images the repairing index run embeds)

@@ -29,7 +29,7 @@ from torch import nn
 from dino_scale import run_dir as layout
 from dino_scale.config import BatchPlan, TrainConfig
 from dino_scale.errors import CheckpointError, Unavailable, WriteFailed
-from dino_scale.io import load_checkpoint, write_failure
+from dino_scale.io import atomic_torch_save, load_checkpoint, write_failure
 from dino_scale.train import checkpoint
 
 log = logging.getLogger("dino_scale")
@@ -387,9 +387,18 @@ def stage_checkpoint_dir(run_dir: Path, step: int, backend: Backend) -> Path:
     return staging
 
 
-def settle_writes(backend: Backend, staging: Path, error: BaseException | None) -> None:
-    """After every rank wrote its files into `staging`: when any rank failed (a full disk: WriteFailed), remove the
-    staging folder and raise on every rank; the previous checkpoint and latest.json stay as they were."""
+def settle_writes(
+    backend: Backend, staging: Path, error: BaseException | None, main_files: dict[str, Any] | None = None
+) -> None:
+    """After every rank wrote its files into `staging`: the main process adds `main_files` (file name -> state, saved
+    with torch; skipped once a rank failed), then, when any rank failed (a full disk: WriteFailed), the staging folder
+    is removed and every rank raises; the previous checkpoint and latest.json stay as they were."""
+    if backend.is_main_process() and error is None:
+        try:
+            for name, state in (main_files or {}).items():
+                atomic_torch_save(state, staging / name)
+        except Exception as caught:  # WriteFailed on a full disk
+            error = caught
     agree(backend, error, cleanup=lambda: shutil.rmtree(staging, ignore_errors=True))
 
 

@@ -38,7 +38,7 @@ from dino_scale import run_dir as layout
 from dino_scale.config import BatchPlan, TrainConfig
 from dino_scale.devices import resolve_device
 from dino_scale.errors import CheckpointError, ConfigError, Unavailable, WriteFailed
-from dino_scale.io import atomic_torch_save, write_failure
+from dino_scale.io import write_failure
 from dino_scale.train.backends.base import (
     Backend,
     StepResult,
@@ -406,15 +406,10 @@ class DeepSpeedBackend(Backend):
         self._write_failures.clear()
         self.engine.save_checkpoint(str(staging), tag=NATIVE_SUBDIR, client_state={}, save_latest=False)
         error: Exception | None = self._write_failures[0] if self._write_failures else None
-        portable = self._portable_state() if self.zero_stage <= 2 else None  # a collective: every rank joins
-        if self.is_main_process() and error is None:
-            try:
-                atomic_torch_save(state, staging / layout.TRAINER_STATE_FILE)
-                if portable is not None:
-                    atomic_torch_save(portable, staging / layout.PORTABLE_STUDENT_FILE)
-            except Exception as caught:  # WriteFailed on a full disk
-                error = caught
-        settle_writes(self, staging, error)  # any rank failed: the staging folder goes, every rank raises
+        main_files = {layout.TRAINER_STATE_FILE: state}
+        if self.zero_stage <= 2:
+            main_files[layout.PORTABLE_STUDENT_FILE] = self._portable_state()  # a collective: every rank joins
+        settle_writes(self, staging, error, main_files)  # any rank failed: the staging folder goes, every rank raises
         return commit_checkpoint_dir(run_dir, step, staging, self, keep_last)
 
     def _partitioned(self) -> bool:

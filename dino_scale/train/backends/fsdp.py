@@ -52,7 +52,7 @@ from dino_scale import run_dir as layout
 from dino_scale.config import BatchPlan, TrainConfig
 from dino_scale.devices import resolve_device
 from dino_scale.errors import CheckpointError, Unavailable, WriteFailed
-from dino_scale.io import atomic_torch_save, write_failure
+from dino_scale.io import write_failure
 from dino_scale.train.backends.base import (
     Backend,
     StepResult,
@@ -253,12 +253,8 @@ class FSDPBackend(Backend):
             dcp.save(sharded, checkpoint_id=staging / DCP_SUBDIR)
         except (Exception, CheckpointException) as caught:  # CheckpointException is a BaseException
             error = _write_error(staging / DCP_SUBDIR, caught, self._checkpoint_bytes())
-        if self.is_main_process() and error is None:
-            try:
-                atomic_torch_save(state, staging / layout.TRAINER_STATE_FILE)
-            except Exception as caught:  # WriteFailed on a full disk
-                error = caught
-        settle_writes(self, staging, error)  # any rank failed: the staging folder goes, every rank raises
+        # Any rank failed: the staging folder goes, every rank raises.
+        settle_writes(self, staging, error, {layout.TRAINER_STATE_FILE: state})
         return commit_checkpoint_dir(run_dir, step, staging, self, keep_last)
 
     def _checkpoint_bytes(self) -> int:

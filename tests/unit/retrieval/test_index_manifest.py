@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import set_key
 
 from dino_scale.errors import InputError
 from dino_scale.retrieval.index import DamagedIndex, read_manifest, repair_manifest
@@ -48,13 +49,7 @@ def folder_with(tmp_path: Path, manifest: Any, embeddings: bool = True) -> Path:
 
 def changed(*path: Any, value: Any = None, delete: bool = False) -> dict[str, Any]:
     manifest = valid()
-    obj: Any = manifest
-    for key in path[:-1]:
-        obj = obj[key]
-    if delete:
-        del obj[path[-1]]
-    else:
-        obj[path[-1]] = value
+    set_key(manifest, path, value, delete)
     return manifest
 
 
