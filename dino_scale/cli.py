@@ -14,6 +14,52 @@ import click
 from dino_scale.command import Group
 from dino_scale.train.command import train_command
 
+# The image-size rule of every command that takes a model (dino_scale.models.weights.choose_image_size).
+_SIZE_DEFAULT = (
+    "the size the model was trained at (its run, checkpoint or safetensors), else the timm model's input size"
+)
+
+
+def _threads_option(command: Callable) -> Callable:
+    return click.option(
+        "--threads",
+        type=click.IntRange(min=1),
+        help="Intra-op threads of this process [default: the cores left after one per DataLoader worker].",
+    )(command)
+
+
+def _set_threads(threads: int | None, workers: int | None) -> int:
+    """Share the cores before any work: ``threads`` intra-op threads (default: the cores left after one per DataLoader
+    worker, each of which runs one thread), so the model and the decoders do not oversubscribe the machine."""
+    from dino_scale.data.loaders import default_workers
+    from dino_scale.devices import set_threads
+
+    return set_threads(threads, default_workers() if workers is None else workers)
+
+
+def _json_out_option(command: Callable) -> Callable:
+    return click.option(
+        "--json",
+        "json_out",
+        type=click.Path(dir_okay=False, allow_dash=True),
+        metavar="PATH|-",
+        help="Write the results as JSON to this file; '-' prints them on standard output (and the rest on stderr).",
+    )(command)
+
+
+def _json_target(json_out: str | None) -> tuple[str | None, Callable[[str], None]]:
+    """For ``--json PATH|-``: the file the library writes (None for '-') and where the human-readable lines go (stderr
+    for '-', so that standard output holds the JSON alone)."""
+    if json_out == "-":
+        return None, lambda line: click.echo(line, err=True)
+    return json_out, click.echo
+
+
+def _print_json(json_out: str | None, result: object) -> None:
+    """``--json -``: the results as JSON on standard output."""
+    if json_out == "-":
+        click.echo(json.dumps(result, indent=2))
+
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dino-scale")
@@ -61,26 +107,35 @@ def shard_command(images_dir: str, out_dir: str, maxcount: int, prefix: str, max
 @click.option("--arch", required=True, help="timm model name the weights belong to, e.g. vit_small_patch16_224.")
 @click.option("--which", type=click.Choice(["teacher", "student"]), default="teacher", show_default=True)
 @click.option("--timm-kwargs", default="{}", show_default=True, help="JSON of extra timm.create_model arguments.")
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=1),
+    help="The size the weights were trained at, recorded in the output [default: the source's record, else the "
+    "timm model's img_size].",
+)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .safetensors file.")
-def convert_command(source: str, arch: str, which: str, timm_kwargs: str, out: str) -> None:
+def convert_command(source: str, arch: str, which: str, timm_kwargs: str, image_size: int | None, out: str) -> None:
     """Import a backbone (e.g. an official DINO checkpoint) as timm-named safetensors, verified by loading it."""
     from dino_scale.errors import ConfigError, blame
     from dino_scale.io import save_safetensors
     from dino_scale.models.backbones import create_backbone
-    from dino_scale.models.weights import extract_backbone_state_dict, load_backbone_weights
+    from dino_scale.models.weights import IMAGE_SIZE_METADATA_KEY, choose_image_size, load_backbone_weights, load_source
 
     extra = _json_option(timm_kwargs, "--timm-kwargs")
     with blame("source"):
-        weights = extract_backbone_state_dict(source, which=which)
+        loaded = load_source(source, which=which)
     try:
         with blame("arch"):
             backbone = create_backbone(arch, **extra)
     except ConfigError as error:  # kwargs the arch does not take: this command's flag, not the recipe key
         error.argument = "timm_kwargs"
         raise
-    load_backbone_weights(backbone, weights, source=source)
+    load_backbone_weights(backbone, loaded.weights, source=source)
+    size = choose_image_size(loaded, image_size, arch, extra)
+    click.echo(size.describe())
     state = {name: tensor.detach().contiguous() for name, tensor in backbone.state_dict().items()}
-    save_safetensors(state, out, metadata={"arch": arch, "timm_kwargs": json.dumps(extra), "source": source})
+    metadata = {"arch": arch, "timm_kwargs": json.dumps(extra), "source": source}
+    save_safetensors(state, out, metadata={**metadata, IMAGE_SIZE_METADATA_KEY: str(size.value)})
     click.echo(f"wrote {out}: {arch} backbone, {len(state)} tensors, from {source} ({which})")
 
 
@@ -95,7 +150,7 @@ def convert_command(source: str, arch: str, which: str, timm_kwargs: str, out: s
 @click.option("--which", type=click.Choice(["teacher", "student"]), default="teacher", show_default=True)
 @click.option("--arch", help="timm model name; needed only where the checkpoint does not record it.")
 @click.option("--timm-kwargs", help="JSON of timm.create_model arguments, replacing the recorded ones.")
-@click.option("--image-size", default=224, show_default=True, type=int, help="Fixed input size (square).")
+@click.option("--image-size", type=int, help=f"Fixed input size (square) [default: {_SIZE_DEFAULT}].")
 @click.option(
     "--outputs",
     default="cls",
@@ -112,14 +167,19 @@ def convert_command(source: str, arch: str, which: str, timm_kwargs: str, out: s
 @click.option("--max-batch", default=256, show_default=True, type=int, help="Largest batch (TensorRT / AOTI).")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache, read and updated.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (AOTI compiles for it).")
-@click.option("--parity-shards", help="Shards whose images the parity gate runs [default: shards/sample/val].")
-def export_command(fmt: str, timm_kwargs: str | None, **kwargs: object) -> None:
+@click.option(
+    "--parity-shards",
+    help="Shards, or a folder of images, that the parity gate runs [default: shards/sample/val, where present].",
+)
+@_threads_option
+def export_command(fmt: str, timm_kwargs: str | None, threads: int | None, **kwargs: object) -> None:
     """Export a backbone (teacher by default) to ONNX / TensorRT / AOTInductor, parity-gated, with a sidecar JSON."""
     import shlex
     import sys
 
     from dino_scale.export.exporter import ExportOptions, run_export
 
+    _set_threads(threads, workers=0)  # the parity gate reads its few images in this process
     extra = _json_option(timm_kwargs, "--timm-kwargs") if timm_kwargs else None
     options = ExportOptions(format=fmt, timm_kwargs=extra, command=shlex.join(["dino-scale", *sys.argv[1:]]), **kwargs)
     run_export(options, echo=click.echo)
@@ -132,28 +192,53 @@ def export_command(fmt: str, timm_kwargs: str | None, **kwargs: object) -> None:
 @click.option("--warmup", default=5, show_default=True, type=click.IntRange(min=0))
 @click.option("--iterations", default=30, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results as JSON here.")
-def bench_command(**kwargs: object) -> None:
+@_json_out_option
+@_threads_option
+def bench_command(json_out: str | None, threads: int | None, **kwargs: object) -> None:
     """Throughput (images/s) and latency percentiles of an exported model in every runtime available here."""
     from dino_scale.export.bench import BenchOptions, run_bench
 
-    run_bench(BenchOptions(**kwargs), echo=click.echo)
+    _set_threads(threads, workers=0)
+    path, echo = _json_target(json_out)
+    _print_json(json_out, run_bench(BenchOptions(**kwargs, json_out=path), echo=echo))
 
 
 @main.command("attention")
 @click.option("--model", "model_source", required=True, type=click.Path(exists=True), help="Run dir or checkpoint.")
-@click.option("--image", "image_path", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the PNGs.")
-@click.option("--image-size", default=224, show_default=True, type=int, help="The image is resized to this square.")
+@click.option(
+    "--images",
+    "--image",
+    "images",
+    required=True,
+    type=click.Path(exists=True),
+    help="An image file, or a folder searched recursively (unreadable images are skipped and counted).",
+)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the figures.")
+@click.option("--image-size", type=click.IntRange(min=1), help="[default: the size the model was trained at]")
 @click.option("--keep", default=0.6, show_default=True, type=float, help="Attention mass each head's mask keeps.")
 @click.option("--which", type=click.Choice(["teacher", "student"]), default="teacher", show_default=True)
 @click.option("--arch", help="timm model name; needed only where the checkpoint does not record it.")
-def attention_command(**kwargs: object) -> None:
-    """Last-layer CLS attention of a ViT on one image: a PNG per head, and the heads' 60%-mass masks overlaid."""
+@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads [default: the cores here].")
+def attention_command(threads: int | None, **kwargs: object) -> None:
+    """Last-layer CLS attention of a ViT: per image one PNG (the input, each head's map in a colour map, the heads'
+    60%-mass masks as outlines), and attention.json."""
     from dino_scale.eval.attention import attention_maps
 
-    summary = attention_maps(**kwargs)
-    click.echo(f"wrote {len(summary['files'])} PNGs ({summary['heads']} heads) to {kwargs['out_dir']}")
+    _set_threads(threads, workers=0)
+    attention_maps(**kwargs, echo=click.echo)
+
+
+@main.command("plot")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), help="The PNG to write [default: RUN/curves.png].")
+def plot_command(run_dir: str, out: str | None) -> None:
+    """Training curves of a run in one figure: loss, teacher entropy vs log K, KL, lr / wd, momentum / teacher
+    temperature, img/s."""
+    from pathlib import Path
+
+    from dino_scale.eval.plots import plot_run
+
+    click.echo(f"wrote {plot_run(Path(run_dir), Path(out) if out else None)}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -169,10 +254,14 @@ def _loader_options(command: Callable) -> Callable:
             click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1)),
             click.option("--workers", type=click.IntRange(min=0), help="DataLoader decode workers [default: cores-1]."),
             click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (PyTorch models)."),
+            _threads_option,
         ]
     ):
         command = option(command)
     return command
+
+
+_RUN_SIZE_HELP = f"Input size [default: an artifact's own; for a run or checkpoint {_SIZE_DEFAULT}]."
 
 
 @main.command("index")
@@ -188,7 +277,9 @@ def _loader_options(command: Callable) -> Callable:
 )
 @click.option("--whiten-on", help="Learn PCA whitening on these images (folder or shards) first.")
 @click.option("--whiten-dim", type=click.IntRange(min=1), help="Whitened dimensions [default: all].")
-@click.option("--image-size", type=int, help="Input size for run/checkpoint models [default: 224].")
+@click.option(
+    "--image-size", type=int, help=f"Input size [default: the index's, else an artifact's own, else {_SIZE_DEFAULT}]."
+)
 @click.option(
     "--shard-size",
     default=4096,
@@ -197,13 +288,14 @@ def _loader_options(command: Callable) -> Callable:
     help="Rows per committed embedding shard (the most an interruption loses).",
 )
 @_loader_options
-def index_command(**kwargs: object) -> None:
+def index_command(threads: int | None, **kwargs: object) -> None:
     """Embed images into a resumable, incremental faiss index (re-run to resume or to add new images)."""
     import shlex
     import sys
 
     from dino_scale.retrieval.index import IndexOptions, run_index
 
+    _set_threads(threads, kwargs["workers"])
     run_index(IndexOptions(**kwargs, command=shlex.join(["dino-scale", *sys.argv[1:]])), echo=click.echo)
 
 
@@ -212,16 +304,25 @@ def index_command(**kwargs: object) -> None:
 @click.option("--query", required=True, type=click.Path(exists=True), help="An image, or a folder of images.")
 @click.option("-k", default=10, show_default=True, type=click.IntRange(min=1), help="Neighbours per query.")
 @click.option("--model", type=click.Path(exists=True), help="[default: the index's model; must be the same weights]")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_json_out_option
 @_loader_options
-def search_command(index_dir: str, query: str, k: int, model: str | None, as_json: bool, **kwargs: object) -> None:
+def search_command(
+    index_dir: str, query: str, k: int, model: str | None, json_out: str | None, threads: int | None, **kwargs: object
+) -> None:
     """Ranked nearest indexed images (cosine similarity) of each query image."""
+    from dino_scale.errors import blame
+    from dino_scale.io import atomic_write_json
     from dino_scale.retrieval.index import search_images
 
-    found = search_images(index_dir, query, k, model, **kwargs)
-    if as_json:
-        click.echo(json.dumps(found, indent=2))
+    _set_threads(threads, kwargs["workers"])
+    path, echo = _json_target(json_out)
+    found = search_images(index_dir, query, k, model, echo=echo, **kwargs)
+    if json_out == "-":
+        _print_json(json_out, found)
         return
+    if path:
+        with blame("json_out"):
+            atomic_write_json(path, found)
     for result in found["results"]:
         click.echo(f"query {result['query']}")
         if "error" in result:
@@ -234,20 +335,25 @@ def search_command(index_dir: str, query: str, k: int, model: str | None, as_jso
 @click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--threshold", required=True, type=float, help="Cosine similarity at or above which two are copies.")
 @click.option("-k", default=20, show_default=True, type=click.IntRange(min=2), help="Neighbours examined per image.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the groups as JSON here.")
+@_json_out_option
 def dedup_command(index_dir: str, threshold: float, k: int, json_out: str | None) -> None:
     """Groups of near-duplicate images in an index (copy detection)."""
+    from dino_scale.errors import blame
     from dino_scale.io import atomic_write_json
     from dino_scale.retrieval.index import find_duplicates
 
     found = find_duplicates(index_dir, threshold, k)
-    for number, group in enumerate(found["groups"], 1):
-        click.echo(f"group {number}: {group['size']} images (similarity >= {group['min_score']:.4f})")
-        for member in group["members"]:
-            click.echo(f"  {member}")
-    click.echo(f"{len(found['groups'])} group(s), {found['duplicates']} duplicate(s) among {found['images']} images")
-    if json_out:
-        atomic_write_json(json_out, found)
+    path, echo = _json_target(json_out)
+    if json_out != "-":  # with '-' the groups are in the JSON on standard output
+        for number, group in enumerate(found["groups"], 1):
+            echo(f"group {number}: {group['size']} images (similarity >= {group['min_score']:.4f})")
+            for member in group["members"]:
+                echo(f"  {member}")
+    echo(f"{len(found['groups'])} group(s), {found['duplicates']} duplicate(s) among {found['images']} images")
+    if path:
+        with blame("json_out"):
+            atomic_write_json(path, found)
+    _print_json(json_out, found)
 
 
 @main.group("eval", cls=Group)
@@ -281,14 +387,16 @@ def _ks(value: str) -> list[int]:
 @click.option("--test", required=True, help="Labelled images: class folders, or shards with cls.")
 @click.option("-k", "ks", default="10,20,100,200", show_default=True, help="Comma-separated k values.")
 @click.option("--temperature", default=0.07, show_default=True, type=float)
-@click.option("--image-size", type=int, help="Input size for run/checkpoint models [default: 224].")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the results as JSON here.")
+@click.option("--image-size", type=int, help=_RUN_SIZE_HELP)
+@_json_out_option
 @_loader_options
-def eval_knn_command(ks: str, **kwargs: object) -> None:
+def eval_knn_command(ks: str, json_out: str | None, threads: int | None, **kwargs: object) -> None:
     """Weighted k-NN classification (top-1/top-5) on L2-normalised CLS features, as in the paper."""
     from dino_scale.eval.knn import knn_eval
 
-    knn_eval(ks=_ks(ks), echo=click.echo, **kwargs)
+    _set_threads(threads, kwargs["workers"])
+    path, echo = _json_target(json_out)
+    _print_json(json_out, knn_eval(ks=_ks(ks), json_out=path, echo=echo, **kwargs))
 
 
 @eval_group.command("linear")
@@ -305,14 +413,16 @@ def eval_knn_command(ks: str, **kwargs: object) -> None:
 @click.option("--avgpool-patchtokens", is_flag=True, help="Also the mean patch token (paper: ViT-B).")
 @click.option("--epochs", default=100, show_default=True, type=click.IntRange(min=1))
 @click.option("--which", type=click.Choice(["teacher", "student"]), default="teacher", show_default=True)
-@click.option("--image-size", type=int, help="Input size [default: the artifact's, else 224].")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the results as JSON here.")
+@click.option("--image-size", type=int, help=_RUN_SIZE_HELP)
+@_json_out_option
 @_loader_options
-def eval_linear_command(**kwargs: object) -> None:
+def eval_linear_command(json_out: str | None, threads: int | None, **kwargs: object) -> None:
     """Linear probe on frozen features (CLS of the last n blocks, optionally + mean patch token)."""
     from dino_scale.eval.linear import linear_eval
 
-    linear_eval(echo=click.echo, **kwargs)
+    _set_threads(threads, kwargs["workers"])
+    path, echo = _json_target(json_out)
+    _print_json(json_out, linear_eval(json_out=path, echo=echo, **kwargs))
 
 
 @eval_group.command("copy-detection")
@@ -329,14 +439,16 @@ def eval_linear_command(**kwargs: object) -> None:
 @click.option("--whiten-on", help="Learn PCA whitening on these images (folder or shards), as the paper.")
 @click.option("--whiten-dim", type=click.IntRange(min=1))
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--image-size", type=int, help="Input size for run/checkpoint models [default: 224].")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the results as JSON here.")
+@click.option("--image-size", type=int, help=_RUN_SIZE_HELP)
+@_json_out_option
 @_loader_options
-def eval_copy_detection_command(**kwargs: object) -> None:
+def eval_copy_detection_command(json_out: str | None, threads: int | None, **kwargs: object) -> None:
     """Copy detection: strong Copydays-style copies as queries, all images as the database; mAP and micro-AP."""
     from dino_scale.eval.copy_detection import copy_detection_eval
 
-    copy_detection_eval(echo=click.echo, **kwargs)
+    _set_threads(threads, kwargs["workers"])
+    path, echo = _json_target(json_out)
+    _print_json(json_out, copy_detection_eval(json_out=path, echo=echo, **kwargs))
 
 
 if __name__ == "__main__":

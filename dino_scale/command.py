@@ -1,4 +1,5 @@
-"""The one error path of every command: a DinoScaleError becomes a one-line message and exit status 1.
+"""The one error path of every command: a DinoScaleError becomes a one-line message and exit status 1 (a preempted
+training run: errors.PREEMPTED_EXIT_STATUS).
 
 Library code names the value or file at fault and, where it knows, the argument it blames (errors.blame); this
 command class turns that argument into the command's flag (`--test: nowhere does not exist`). Anything else that
@@ -41,7 +42,9 @@ class Command(click.Command):
         try:
             return super().invoke(ctx)
         except DinoScaleError as error:
-            raise click.ClickException(describe(error, self.params)) from None
+            failure = click.ClickException(describe(error, self.params))
+            failure.exit_code = getattr(error, "exit_status", 1)  # a preempted run exits so that it can be requeued
+            raise failure from None
 
 
 class Group(click.Group):

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import reprlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -115,6 +116,10 @@ class ModelConfig(_Strict):
 class DataConfig(_Strict):
     train_shards: str = "shards/sample/train"
     """WebDataset shards: a directory, a glob or a brace pattern (`data/train-{000000..000127}.tar`)."""
+    train_images: str | None = None
+    """Train straight from a folder of images (searched recursively, as `dino-scale index --images`; an ImageFolder
+    tree works as it is) instead of shards, with the same exact resume and unreadable-sample handling. Set this or
+    data.train_shards, not both."""
     samples_per_epoch: int | None = Field(None, gt=0, le=10**10)
     """Epoch length in samples (at most 10^10, twice LAION-5B); by default read from shards.json beside the shards or
     counted."""
@@ -133,6 +138,8 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_scales(self) -> DataConfig:
+        if self.train_images is not None and "train_shards" in self.model_fields_set:
+            raise ValueError("set data.train_shards or data.train_images, not both")
         for name in ("global_crops_scale", "local_crops_scale"):
             low, high = getattr(self, name)
             if not 0.0 < low <= high <= 1.0:
@@ -233,6 +240,10 @@ class TrainConfig(_Strict):
     """Stop after this many optimizer steps (smoke runs); schedules still span `epochs`."""
     backend: Literal["auto", "local", "ddp", "deepspeed", "fsdp"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, le=4096)
+    """Intra-op threads of each training process (torch.set_num_threads). By default the cores this process may use,
+    divided among the training processes on the machine, less one per DataLoader worker (each worker runs one
+    thread): on a small machine more threads than cores made training 5-10x slower."""
     log_every: int = Field(10, gt=0, le=MAX_STEPS)
     checkpoint_every: int = Field(1000, gt=0, le=MAX_STEPS)
     """Optimizer steps between checkpoints (one is always written at the end)."""
@@ -391,14 +402,54 @@ def resolve_config_path(name: str | Path) -> Path:
     )
 
 
+def _text_key(parts: list[str]) -> tuple[bool, bool]:
+    """(whether the recipe key at `parts` holds text, whether it may also be null). Keys of free-form blocks
+    (deepspeed, model.timm_kwargs) and unknown keys are not text: their values are JSON."""
+    model: type[BaseModel] = TrainConfig
+    for depth, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None:
+            return False, False
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+            continue
+        if depth != len(parts) - 1:
+            return False, False
+        if annotation is str:
+            return True, False
+        members = set(get_args(annotation))
+        if str in members and members <= {str, type(None)}:
+            return True, True
+        return False, False
+    return False, False
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """`optim.lr=1e-3` -> (["optim", "lr"], 0.001). Values are JSON when they parse as JSON, else strings."""
+    """`optim.lr=1e-3` -> (["optim", "lr"], 0.001).
+
+    A key that holds text (`name`, `data.train_shards`, ...) takes the value as it is written: `--set name=2024` is
+    the name "2024", not a number. (A JSON string literal, `name="2024"`, is unquoted; a key that may be null takes
+    `null`.) Every other value is JSON when it parses as JSON (numbers, true/false, objects), else a string, which
+    validation then refuses where the key wants something else."""
     if "=" not in item:
         raise ConfigError(f"--set expects key=value, got {_short(item)}")
     key, raw = item.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"--set has an empty key segment in {_short(key)}")
+    text, nullable = _text_key(parts)
+    if text:
+        if nullable and raw == "null":
+            return parts, None
+        if len(raw) >= 2 and raw[0] == raw[-1] == '"':
+            try:
+                unquoted = json.loads(raw)
+            except ValueError:
+                unquoted = None
+            if isinstance(unquoted, str):
+                return parts, unquoted
+        return parts, raw
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
@@ -521,6 +572,50 @@ def _check_numbers(block: Any, path: str) -> None:
             raise ValueError(f"{where} must fit in 64 bits, got {_short(node)}")
 
 
+PATH_KEYS = (
+    ("data", "train_shards"),
+    ("data", "train_images"),
+    ("eval", "knn_train_shards"),
+    ("eval", "knn_val_shards"),
+    ("model", "init_backbone"),
+)
+"""Recipe keys that name inputs on disk (output_dir names an output: it is relative to the working directory)."""
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path or path.startswith("pipe:")
+
+
+def _pattern_exists(path: Path) -> bool:
+    """Whether a shard path, glob or brace pattern points at something: the path itself, or the folder of its first
+    wildcard segment."""
+    text = str(path)
+    cut = min((text.index(ch) for ch in "{*?[" if ch in text), default=None)
+    if cut is None:
+        return path.exists()
+    return Path(text[:cut]).parent.is_dir()
+
+
+def _resolve_recipe_paths(raw: dict[str, Any], recipe_dir: Path) -> None:
+    """Make the recipe file's relative input paths absolute: a path is looked up in the working directory first,
+    then beside the recipe file (so a recipe and its data can travel together, and the shipped recipes find the
+    checkout's sample shards from any working directory). A path found in neither place is left as it is: the run
+    checks every input before its first step and names the key. `--set` values are relative to the working
+    directory only."""
+    for section, key in PATH_KEYS:
+        block = raw.get(section)
+        value = block.get(key) if isinstance(block, dict) else None
+        if not isinstance(value, str) or not value or _is_remote(value):
+            continue
+        path = Path(value).expanduser()
+        if path.is_absolute():
+            continue
+        for base in (Path.cwd(), recipe_dir.resolve()):
+            if _pattern_exists(base / path):
+                block[key] = os.path.normpath(base / path)
+                break
+
+
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> TrainConfig:
     deep = _too_deep(raw, "")
     if deep is not None:
@@ -558,9 +653,88 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
         raise ConfigError(
             f"config {resolved} must hold a JSON object at the top level, got {type(raw).__name__} {_short(raw, 40)}"
         )
+    _resolve_recipe_paths(raw, resolved.parent)
     try:
         raw = apply_overrides(raw, overrides)
     except ConfigError as error:
         raise ConfigError(f"config {resolved}: {error}") from None
     source = str(resolved) + (f" (with --set {' '.join(_one_line(o, 80) for o in overrides)})" if overrides else "")
     return config_from_dict(raw, source)
+
+
+# --- what a resumed run may change ------------------------------------------------------------------------------
+
+SHAPE_KEYS = (
+    "model.arch",
+    "model.timm_kwargs",
+    "model.out_dim",
+    "model.hidden_dim",
+    "model.bottleneck_dim",
+    "model.head_layers",
+    "model.use_bn_in_head",
+    "model.norm_last_layer",
+    "optim.name",
+)
+"""Keys (and everything under them) that change the shape of the networks or of the optimizer state: a checkpoint
+cannot continue under another value."""
+RUN_CONTROL_KEYS = (
+    "name",
+    "output_dir",
+    "max_steps",
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "threads",
+    "device",
+    "backend",
+    "skip_nonfinite_steps",
+    "monitor",
+    "eval",
+    "data.num_workers",
+    "data.max_skipped_fraction",
+    "data.train_shards",
+    "data.train_images",
+    "deepspeed.zero_optimization",
+    "deepspeed.activation_checkpointing",
+    "deepspeed.wall_clock_breakdown",
+    "deepspeed.steps_per_print",
+    "model.grad_checkpointing",
+)
+"""Keys that change how the run is carried out, logged or evaluated, not what it computes (the data may move to
+another place; the checkpoint's data position still counts samples of the same data set)."""
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: value}
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+@dataclass(frozen=True)
+class ConfigChanges:
+    """How a resumed run's recipe differs from the one its run directory was started with: "key: old -> new" lines,
+    in three kinds (see SHAPE_KEYS and RUN_CONTROL_KEYS; everything else is a hyperparameter)."""
+
+    shape: list[str]
+    hyperparameters: list[str]
+    run_control: list[str]
+
+
+def config_changes(before: dict[str, Any], after: dict[str, Any]) -> ConfigChanges:
+    """Compare two resolved recipes (TrainConfig.to_dict()) key by key."""
+    old, new = _flatten(before), _flatten(after)
+    kinds: dict[str, list[str]] = {"shape": [], "hyperparameters": [], "run_control": []}
+    for key in sorted(set(old) | set(new)):
+        if old.get(key, "<unset>") == new.get(key, "<unset>"):
+            continue
+        line = f"{key}: {_short(old.get(key, '<unset>'), 60)} -> {_short(new.get(key, '<unset>'), 60)}"
+        kind = "shape" if _under(key, SHAPE_KEYS) else "run_control" if _under(key, RUN_CONTROL_KEYS) else None
+        kinds[kind or "hyperparameters"].append(line)
+    return ConfigChanges(**kinds)

@@ -80,6 +80,18 @@ class NonFiniteError(DinoScaleError, RuntimeError):
     """Training produced NaN / inf; the message names the step and the quantity. No checkpoint is written after it."""
 
 
+PREEMPTED_EXIT_STATUS = 75
+"""The exit status of a training process stopped by a signal after writing its checkpoint: EX_TEMPFAIL of
+sysexits.h, "try again later", so that a job script can requeue exactly these (README, "Preemption and SLURM")."""
+
+
+class Preempted(DinoScaleError):
+    """Training stopped on SIGTERM / SIGINT / SIGUSR1 after finishing its optimizer step and writing a checkpoint on
+    every rank; the message names the checkpoint. Commands exit with PREEMPTED_EXIT_STATUS."""
+
+    exit_status = PREEMPTED_EXIT_STATUS
+
+
 class ParityError(DinoScaleError, RuntimeError):
     """An exported artifact disagrees with the PyTorch model; the message holds the numbers."""
 

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -89,8 +90,9 @@ def write_failure(path: str | Path, error: OSError, needed: int | None = None) -
         except OSError:
             free = "unknown"
         need = f"; it needs about {human_bytes(needed)}" if needed else ""
-        return WriteFailed(f"cannot write {path}: {reason} ({free} free in {path.parent}{need}); free some space and "
-                           "run again")
+        return WriteFailed(
+            f"cannot write {path}: {reason} ({free} free in {path.parent}{need}); free some space and run again"
+        )
     return WriteFailed(f"cannot write {path}: {reason}")
 
 
@@ -207,6 +209,72 @@ def _unsafe_globals(path: Path) -> list[str]:
         return []
 
 
+# Magic bytes of the image formats a user may hand over by mistake (what a file is, for the error message).
+_IMAGE_MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+# The fields of an ONNX ModelProto that may follow its first one (ir_version, field 1, a varint: byte 0x08), as
+# protobuf tags: producer_name .. graph (2-7, length-delimited), model_version (5, varint), opset_import (8),
+# metadata_props (14), training_info (20), functions (25), configuration (26).
+_ONNX_NEXT_TAGS = frozenset({0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72, 0xA2, 0xCA, 0xD2})
+# What to do with an exported artifact that was given where a checkpoint is read.
+_ARTIFACT_HINT = "pass it to index/search/eval/bench as --model"
+
+
+def not_a_checkpoint(path: Path) -> str | None:
+    """What a file that torch.load cannot read is instead, as ``"x.onnx is an ONNX model, not a checkpoint: ..."``;
+    None when it may be a damaged or refused torch file (a zip written by torch.save, or a pickle), whose own error
+    says more. Decided from the content (magic bytes, a zip's listing), the suffix only for TensorRT engines, whose
+    format is opaque."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    kind, hint = None, ""
+    if size == 0:
+        kind = "empty"
+    elif head[:4] == b"PK\x03\x04":  # a zip: torch.save writes NAME/data.pkl into it
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):  # truncated: torch's own error names that
+            return None
+        if any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
+            return None
+        if path.suffix == ".pt2" or any("aotinductor" in name for name in names):
+            kind, hint = "an AOTInductor package", _ARTIFACT_HINT
+        else:
+            kind = "a zip archive that torch.save did not write"
+    elif is_safetensors_file(path):  # before the pickle test: a header length may start with 0x80 too
+        kind = "a safetensors file (backbone weights only)"
+    elif head[:1] == b"\x80":  # a pickle (torch's legacy format): the unpickler's error says what is wrong
+        return None
+    elif len(head) > 2 and head[0] == 0x08 and 0 < head[1] < 0x80 and head[2] in _ONNX_NEXT_TAGS:
+        kind, hint = "an ONNX model", _ARTIFACT_HINT
+    elif path.suffix in (".engine", ".plan"):
+        kind, hint = "a TensorRT engine", _ARTIFACT_HINT
+    elif image := next((name for magic, name in _IMAGE_MAGIC if head.startswith(magic)), None):
+        kind = f"an image ({image})"
+    elif head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        kind = "an image (WebP)"
+    elif head[257:262] == b"ustar":
+        kind = "a tar archive (a shard?)"
+    elif head.lstrip()[:1] in (b"{", b"["):
+        kind = "a JSON file"
+    else:
+        return f"{path} is not a checkpoint: neither a zip archive written by torch.save nor a pickle"
+    if kind == "empty":
+        return f"{path} is empty, not a checkpoint"
+    return f"{path} is {kind}, not a checkpoint" + (f": {hint}" if hint else "")
+
+
 def load_torch(path: Path) -> Any:
     """``torch.load(..., weights_only=True)`` with argparse.Namespace allowlisted, and readable errors.
 
@@ -214,12 +282,18 @@ def load_torch(path: Path) -> Any:
     argparse.Namespace" on official DINO checkpoints; inside ``torch.serialization.safe_globals([Namespace])``
     they load, while every other non-allowlisted global (custom classes, ``os.system``, ...) is still refused.
     The context manager only widens the allowlist for the duration of this call.
+
+    A file that is something else (an ONNX model, an image, a safetensors file, ...) is a one-line CheckpointError
+    saying what it is (:func:`not_a_checkpoint`): torch's own error would call it pickled Python objects.
     """
     require_file(path)
     try:
         with torch.serialization.safe_globals(_EXTRA_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
+        other = not_a_checkpoint(path)
+        if other is not None:
+            raise CheckpointError(other) from err
         unsafe = _unsafe_globals(path)
         if unsafe or "weights only load failed" in str(err).lower():
             detail = f" (found: {', '.join(unsafe)})" if unsafe else ""

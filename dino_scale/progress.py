@@ -27,9 +27,7 @@ class Progress:
     """Counts ``unit`` s towards ``total``. On a terminal: a tqdm bar with rate and ETA, plus the latest ``postfix``
     values. Otherwise: a log line with the same numbers, at most every ``interval`` seconds (0: every update)."""
 
-    def __init__(
-        self, total: int, unit: str, initial: int = 0, enabled: bool = True, interval: float = 0.0
-    ) -> None:
+    def __init__(self, total: int, unit: str, initial: int = 0, enabled: bool = True, interval: float = 0.0) -> None:
         self.total, self.unit = total, unit
         self.done = self.start_done = initial
         self.enabled, self.interval = enabled, interval

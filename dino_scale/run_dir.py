@@ -3,6 +3,8 @@
     runs/<name>/
         config.json                     the resolved recipe
         metrics.jsonl                   one record per logged step, then `final` / `final_knn` records
+        tensorboard/                    the same records as TensorBoard event files (when tensorboard is installed)
+        curves.png                      `dino-scale plot`'s figure of the run
         knn.json                        end-of-training k-NN of the teacher vs a random init
         teacher_backbone.safetensors    the teacher backbone, timm key names
         checkpoints/
@@ -55,6 +57,35 @@ MANIFEST_FILE = "manifest.json"
 MANIFEST_SUFFIX = ".manifest.json"
 # A checkpoint is a file `step_N.pt` (single-process / DDP) or a folder `step_N` (sharded backends).
 STEP_NAME_RE = re.compile(r"^step_(\d+)(\.pt)?$")
+
+
+TENSORBOARD_SUBDIR = "tensorboard"
+CURVES_FILE = "curves.png"
+RUN_ARTIFACTS = (
+    CONFIG_FILE,
+    METRICS_FILE,
+    KNN_FILE,
+    TEACHER_BACKBONE_FILE,
+    CHECKPOINT_SUBDIR,
+    TENSORBOARD_SUBDIR,
+    CURVES_FILE,
+)
+"""What a training run writes into its run directory (and `--overwrite` removes: nothing else is touched)."""
+
+
+def run_artifacts(run_dir: str | Path) -> list[Path]:
+    """The artifacts of an earlier run present in ``run_dir`` (an empty checkpoints/ or tensorboard/ folder does not
+    count)."""
+    run_dir = Path(run_dir)
+    found = []
+    for name in RUN_ARTIFACTS:
+        path = run_dir / name
+        if path.is_dir():
+            if any(path.iterdir()):
+                found.append(path)
+        elif path.exists() or path.is_symlink():
+            found.append(path)
+    return found
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:

@@ -27,7 +27,6 @@ import hashlib
 import io
 import itertools
 import logging
-import os
 import random
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -41,8 +40,10 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from dino_scale.data.augment import eval_crop, normalize
 from dino_scale.data.copies import strong_copy
 from dino_scale.data.decode import decode_image
+from dino_scale.data.folders import is_folder_url
 from dino_scale.data.items import ImageItem
 from dino_scale.data.shards import iter_raw_samples, sample_image_bytes
+from dino_scale.devices import available_cores, one_thread_worker
 from dino_scale.errors import InputError
 from dino_scale.progress import Progress
 
@@ -289,6 +290,7 @@ class _Loader:
             self.dataset,
             batch_size=None,
             num_workers=self.num_workers,
+            worker_init_fn=one_thread_worker,
             collate_fn=identity_collate,
             pin_memory=self.pin_memory,
             generator=generator,
@@ -344,7 +346,8 @@ def make_train_loader(
     if not urls:
         raise InputError("make_train_loader needs at least one shard")
     n_global = world_size * max(num_workers, 1)
-    if len(urls) < n_global:
+    if len(urls) < n_global and not all(is_folder_url(url) for url in urls):
+        # (Groups of an image folder are read file by file: every reader keeping every n-th file costs no extra I/O.)
         warnings.warn(
             f"only {len(urls)} shard(s) for {world_size} rank(s) x {max(num_workers, 1)} data worker(s) = "
             f"{n_global} readers: every reader will read all shards and keep every {n_global}-th sample "
@@ -418,7 +421,8 @@ class _ImageDataset(Dataset):
 
 
 def default_workers() -> int:
-    return min(8, max(1, (os.cpu_count() or 1) - 1))
+    """Decode workers of the evaluation loader: one core is left to the model."""
+    return min(8, max(1, available_cores() - 1))
 
 
 @dataclass
@@ -452,6 +456,7 @@ def iterate_crops(
         _ImageDataset(items, image_size, hash_files),
         batch_size=batch_size,
         num_workers=workers,
+        worker_init_fn=one_thread_worker,
         collate_fn=identity_collate,
         prefetch_factor=4 if workers else None,
         generator=torch.Generator().manual_seed(0),  # the workers' base seed must not come from the global RNG

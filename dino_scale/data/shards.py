@@ -31,7 +31,7 @@ from tqdm import tqdm
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from dino_scale.data.decode import IMAGE_EXTENSIONS, PIL_FORMAT_TO_EXT, _open_image, image_extension
-from dino_scale.data.folders import list_files
+from dino_scale.data.folders import LazyFile, is_folder_url, is_image_file, iter_folder_samples, list_files
 from dino_scale.errors import InputError, NotFound
 from dino_scale.io import atomic_write_json
 
@@ -45,6 +45,8 @@ _TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z
 
 def is_remote(url: str) -> bool:
     # webdataset opens these through gopen (curl, pipes, ...); they cannot be stat'ed or globbed locally.
+    if is_folder_url(url):  # a group of a local image folder (dino_scale.data.folders), whatever its path holds
+        return False
     return ("://" in url and not url.startswith("file://")) or url.startswith("pipe:")
 
 
@@ -54,11 +56,16 @@ def parse_label(payload: bytes) -> int:
 
 
 def sample_image_bytes(sample: dict[str, Any]) -> bytes:
+    """The encoded image of a raw sample. A sample of an image folder holds a LazyFile, read here (once: the loader
+    decodes a sample again to refill a batch's slot); InputError naming the file when it cannot be read."""
     ext = image_extension(sample)
     if ext is None:
         members = sorted(k for k in sample if not k.startswith("__"))
         raise InputError(f"sample has no image member (members: {members})")
-    return sample[ext]
+    data = sample[ext]
+    if isinstance(data, LazyFile):
+        data = sample[ext] = data.read()
+    return data
 
 
 def _tar_error_handler(exn: Exception) -> bool:
@@ -173,13 +180,19 @@ def iter_raw_samples(
 ) -> Iterator[dict[str, Any]]:
     """Yield the raw (undecoded) samples of the shards in order: dicts of extension -> bytes, plus __key__ and __url__.
 
+    A URL may also name a group of an image folder (``imagefolder:...``, see dino_scale.data.folders): its samples
+    are the group's files, each image member a LazyFile that :func:`sample_image_bytes` reads.
+
     A shard that turns out damaged (it cannot be opened, a member is cut off, garbage or the end of the file stands
     where a header should be) is read no further: the samples before the damage are yielded, and
     ``on_damage(url, reason)`` is called once for it (by default: a warning naming the shard). A missing shard
     raises FileNotFoundError instead: a configuration error must not mean training on less data.
     """
     for url in urls:
-        yield from _shard_samples(url, on_damage)
+        if is_folder_url(url):
+            yield from iter_folder_samples(url, on_damage)
+        else:
+            yield from _shard_samples(url, on_damage)
 
 
 def _shard_samples(url: str, on_damage: Callable[[str, str], None]) -> Iterator[dict[str, Any]]:
@@ -242,7 +255,9 @@ def expand_shards(pattern: str | os.PathLike[str] | Sequence[str | os.PathLike[s
                 if os.path.isdir(local):
                     found = sorted(p for p in glob.glob(os.path.join(glob.escape(local), "*.tar")) if os.path.isfile(p))
                     if not found:
-                        raise NotFound(f"no *.tar shards in directory {local!r} (shard pattern {pat!r})")
+                        raise NotFound(
+                            f"no *.tar shards in directory {local!r} (shard pattern {pat!r}){_images_hint(local)}"
+                        )
                 elif any(ch in local for ch in "*?["):
                     found = sorted(p for p in glob.glob(local) if os.path.isfile(p))
                     if not found:
@@ -256,6 +271,17 @@ def expand_shards(pattern: str | os.PathLike[str] | Sequence[str | os.PathLike[s
                     seen.add(url)
                     result.append(url)
     return result
+
+
+def _images_hint(directory: str) -> str:
+    """For a folder without shards: how to use the image files it holds, if any (a walk, on the error path only)."""
+    n_images = sum(is_image_file(p) for p in list_files(Path(directory)))
+    if not n_images:
+        return ""
+    return (
+        f"; it holds {n_images} image files: train on them with data.train_images={directory}, or write shards with "
+        f"`dino-scale shard --images {directory} --out <dir>`"
+    )
 
 
 @dataclass(frozen=True)
@@ -478,7 +504,7 @@ def count_samples(urls: Sequence[str]) -> int:
 def read_classes(urls: Sequence[str]) -> list[str]:
     """Class names from the ``classes.json`` beside the first local shard (empty list if there is none)."""
     for url in urls:
-        if not is_remote(url):
+        if not is_remote(url) and not is_folder_url(url):
             classes_file = Path(url.removeprefix("file://")).parent / CLASSES_FILE
             try:
                 return [str(c) for c in json.loads(classes_file.read_text())]

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from dino_scale.data.items import ImageItem, list_image_files
+from dino_scale.data.items import ImageItem, list_image_files, list_image_source
 from dino_scale.errors import InputError, blame
 from dino_scale.eval.reports import write_report
 from dino_scale.retrieval.embed import check_descriptor, embed, embed_all, learn_whitening, load_embedding_model
@@ -82,20 +82,26 @@ def copy_detection_eval(
         raise InputError(f"queries must be >= 1, got {queries}", argument="queries")
     with blame("descriptor"):
         outputs = check_descriptor(descriptor)
+    # The image sets first: a wrong --images / --whiten-on is named before any model is loaded.
+    with blame("images"):
+        database, _ = list_image_files(images)
+    if len(database) < 2:
+        raise InputError(f"copy detection needs at least 2 images, found {len(database)} in {images}", "images")
+    whiten_items = None
+    if whiten_on is not None:
+        with blame("whiten_on"):
+            whiten_items = list_image_source(whiten_on)
     embedding_model = load_embedding_model(model, image_size, outputs, device=device)
     echo(
         f"model: {embedding_model.path} ({embedding_model.kind}, {embedding_model.image_size}px), "
         f"descriptor {descriptor}"
     )
-    with blame("images"):
-        database, _ = list_image_files(images)
-    if len(database) < 2:
-        raise InputError(f"copy detection needs at least 2 images, found {len(database)} in {images}", "images")
+    echo(embedding_model.size_line())
     whitening = None
-    if whiten_on is not None:
+    if whiten_items is not None:
         loader = {"batch_size": batch_size, "workers": workers, "progress": progress}
         with blame("whiten_on"):
-            whitening, _, _ = learn_whitening(embedding_model, whiten_on, descriptor, whiten_dim, **loader)
+            whitening, _, _ = learn_whitening(embedding_model, whiten_items, descriptor, whiten_dim, **loader)
     db_vectors, db_indices, db_skipped = embed_all(
         embedding_model,
         database,

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dino_scale.errors import InputError
-from dino_scale.eval.reports import aligned_labels, labelled_features, write_report
+from dino_scale.eval.reports import aligned_labels, labelled_features, labelled_set, write_report
 from dino_scale.models.knn import knn_accuracy
 from dino_scale.retrieval.embed import load_embedding_model
 
@@ -29,16 +29,19 @@ def knn_eval(
     progress: bool = True,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Weighted k-NN top-1/top-5 (in %) for each k, features = the model's L2-normalised ``cls`` output."""
+    """Weighted k-NN top-1/top-5 (in %) for each k, features = the model's L2-normalised ``cls`` output. Both
+    labelled sets are listed before the model is loaded, so that a wrong --train / --test is named at once."""
     if not ks or min(ks) < 1:
         raise InputError(f"k values must be >= 1, got {list(ks)}", argument="ks")
+    train_set, test_set = labelled_set(train, "train"), labelled_set(test, "test")
     embedding_model = load_embedding_model(model, image_size, ("cls",), device=device)
     echo(f"model: {embedding_model.path} ({embedding_model.kind}, {embedding_model.image_size}px)")
+    echo(embedding_model.size_line())
     train_x, train_y, train_classes, train_skipped = labelled_features(
-        embedding_model, train, "train", batch_size, workers, progress
+        embedding_model, train_set, batch_size, workers, progress
     )
     test_x, test_y, test_classes, test_skipped = labelled_features(
-        embedding_model, test, "test", batch_size, workers, progress
+        embedding_model, test_set, batch_size, workers, progress
     )
     test_y = aligned_labels(train_classes, test_classes, test_y, "test")
     results = {}

@@ -30,14 +30,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dino_scale.data.items import ImageItem
 from dino_scale.data.loaders import labelled_batches
 from dino_scale.devices import resolve_device
 from dino_scale.errors import InputError, NotFound, Unavailable, blame
 from dino_scale.eval.reports import aligned_labels, labelled_set, write_report
-from dino_scale.export.sidecar import backbone_from_sidecar, load_sidecar
+from dino_scale.export.sidecar import ARTIFACT_SUFFIXES, artifact_image_size, backbone_from_sidecar, load_sidecar
 from dino_scale.models.features import extract_features
-from dino_scale.models.weights import build_backbone, load_source
-from dino_scale.retrieval.embed import ARTIFACT_SUFFIXES, DEFAULT_IMAGE_SIZE, newest_artifact
+from dino_scale.models.weights import ImageSize, build_backbone, choose_image_size, load_source
+from dino_scale.retrieval.embed import newest_artifact
 from dino_scale.train.schedules import cosine_schedule
 
 # Log-spaced over three decades: with standardised features the best rate for a cross-entropy linear head sits in
@@ -245,22 +246,23 @@ def train_linear_probe(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _probe_backbone(model: str | None, image_size: int | None, which: str) -> tuple[torch.nn.Module, int, str]:
+def _probe_backbone(model: str | None, image_size: int | None, which: str) -> tuple[torch.nn.Module, ImageSize, str]:
     """The PyTorch backbone behind ``model``: a run / checkpoint directly, an artifact through its sidecar's source
-    (intermediate blocks are not among an artifact's outputs)."""
+    (intermediate blocks are not among an artifact's outputs). The size: ``image_size`` where given, else the
+    artifact's, else the size the model was trained at."""
     with blame("model"):
         path = Path(model) if model is not None else newest_artifact()
         if path.is_file() and path.suffix in ARTIFACT_SUFFIXES:
             meta = load_sidecar(path)
-            size = image_size or int(meta["model"]["image_size"])
+            size = ImageSize(image_size, "as given: --image-size") if image_size else artifact_image_size(path, meta)
             try:
-                backbone = backbone_from_sidecar(meta, size)
+                backbone = backbone_from_sidecar(meta, size.value)
             except Unavailable as error:
                 raise NotFound(f"the linear probe: {error}; name a run directory or checkpoint instead") from None
             return backbone, size, meta["source"]["path"]
-        size = image_size or DEFAULT_IMAGE_SIZE
         source = load_source(path, which)
-    backbone, _, _ = build_backbone(source, size)
+    size = choose_image_size(source, image_size)
+    backbone, _, _ = build_backbone(source, size.value)
     return backbone, size, str(path)
 
 
@@ -280,31 +282,35 @@ def linear_eval(
     progress: bool = True,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Linear probe on frozen features: CLS of the last ``n_last_blocks`` blocks (+ mean patch token)."""
-    backbone, size, weights = _probe_backbone(model, image_size, which)
+    """Linear probe on frozen features: CLS of the last ``n_last_blocks`` blocks (+ mean patch token). The labelled
+    sets are listed first, so that a wrong --train / --test is named before any model is loaded."""
+    train_set, test_set = labelled_set(train, "train"), labelled_set(test, "test")
+    backbone, image, weights = _probe_backbone(model, image_size, which)
+    size = image.value
     torch_device = resolve_device(device)
     backbone.to(torch_device)
     echo(
         f"model: {weights} ({size}px), features: CLS of the last {n_last_blocks} block(s)"
         + (" + mean patch token" if avgpool_patchtokens else "")
     )
+    echo(image.describe())
 
-    def features(source: str, argument: str) -> tuple[torch.Tensor, torch.Tensor, list[str], int]:
-        items, classes = labelled_set(source, argument)
+    def features(listed: tuple[list[ImageItem], list[str]]) -> tuple[torch.Tensor, torch.Tensor, list[str], int]:
+        items, classes = listed
         skipped: list[tuple[int, str]] = []
         batches = labelled_batches(items, size, batch_size, workers, progress=progress, skipped=skipped)
         x, y = extract_features(backbone, batches, n_last_blocks, avgpool_patchtokens, torch_device)
         return x, y, classes, len(skipped)
 
-    train_x, train_y, train_classes, train_skipped = features(train, "train")
-    test_x, test_y, test_classes, test_skipped = features(test, "test")
+    train_x, train_y, train_classes, train_skipped = features(train_set)
+    test_x, test_y, test_classes, test_skipped = features(test_set)
     test_y = aligned_labels(train_classes, test_classes, test_y, "test")
     num_classes = len(train_classes) or int(max(train_y.max(), test_y.max())) + 1
     results = train_linear_probe(train_x, train_y, test_x, test_y, num_classes=num_classes, epochs=epochs)
     echo(f"linear probe: top-1 {results['top1']:.2f}%  top-5 {results['top5']:.2f}%  (lr {results['best_lr']})")
     report = {
         "eval": "linear",
-        "model": {"weights": weights, "image_size": size},
+        "model": {"weights": weights, "image_size": size, "image_size_origin": image.origin},
         "features": {"n_last_blocks": n_last_blocks, "avgpool_patchtokens": avgpool_patchtokens},
         "train": {"source": train, "images": len(train_y), "skipped": train_skipped},
         "test": {"source": test, "images": len(test_y), "skipped": test_skipped},

@@ -14,8 +14,10 @@ from dino_scale.retrieval.embed import EmbeddingModel, embed_all
 
 
 def write_report(report: dict[str, Any], json_out: str | None) -> None:
+    """Write the report as JSON to ``json_out`` (atomically) where given; a failure blames ``json_out``."""
     if json_out:
-        atomic_write_json(json_out, report)
+        with blame("json_out"):
+            atomic_write_json(json_out, report)
 
 
 def aligned_labels(
@@ -38,10 +40,15 @@ def labelled_set(source: str, argument: str) -> tuple[list[ImageItem], list[str]
 
 
 def labelled_features(
-    model: EmbeddingModel, source: str, argument: str, batch_size: int, workers: int | None, progress: bool
+    model: EmbeddingModel,
+    listed: tuple[list[ImageItem], list[str]],
+    batch_size: int,
+    workers: int | None,
+    progress: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str], int]:
-    """L2-normalised `cls` features, labels, class names and the number of unreadable images of a labelled set."""
-    items, classes = labelled_set(source, argument)
+    """L2-normalised `cls` features, labels, class names and the number of unreadable images of a labelled set
+    (the items and class names :func:`labelled_set` listed)."""
+    items, classes = listed
     vectors, indices, skipped = embed_all(
         model, items, "cls", batch_size=batch_size, workers=workers, progress=progress
     )

@@ -10,6 +10,7 @@ device with CUDA events. Throughput is ``batch / median latency``.
 
 from __future__ import annotations
 
+import json
 import platform
 import statistics
 import tempfile
@@ -26,7 +27,15 @@ from dino_scale.devices import resolve_device
 from dino_scale.errors import InputError, Unavailable, blame
 from dino_scale.export.graph import INPUT_NAME, InferenceModel, example_input
 from dino_scale.export.runtimes import AotiRunner, OnnxRuntimeRunner, Runner, TorchRunner, onnxruntime_providers
-from dino_scale.export.sidecar import environment_versions, inference_model_from_sidecar, load_sidecar
+from dino_scale.export.sidecar import (
+    ARTIFACT_SUFFIXES,
+    EXPORT_ROOT,
+    artifact_image_size,
+    environment_versions,
+    inference_model_from_sidecar,
+    load_sidecar,
+    sidecar_path,
+)
 from dino_scale.export.tensorrt import TensorRTRunner, build_engine, import_tensorrt
 from dino_scale.export.writers import export_aoti, export_onnx
 from dino_scale.io import atomic_write_json
@@ -209,13 +218,55 @@ def onnxruntime_providers_or_empty() -> list[str]:
         return []
 
 
+def exported_from(source: Path, root: Path = EXPORT_ROOT) -> list[Path]:
+    """The artifacts under ``root`` (with a sidecar) exported from ``source``: a run directory, or a checkpoint or
+    backbone file, matched by the path their sidecar records."""
+    source = source.resolve()
+    found = []
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        if path.suffix not in ARTIFACT_SUFFIXES or not sidecar_path(path).is_file():
+            continue
+        try:
+            recorded = Path(json.loads(sidecar_path(path).read_text(encoding="utf-8"))["source"]["path"]).resolve()
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if recorded == source or source in recorded.parents:
+            found.append(path)
+    return found
+
+
+def check_artifact(model: Path) -> None:
+    """Refuse what is not an exported artifact in one line that says what to do: bench times the exported graph of
+    an artifact (NAME.onnx / .engine / .pt2 beside its sidecar), so a run directory or checkpoint is exported first
+    (its artifacts already in export/ are named)."""
+    if (model.is_file() and model.suffix in ARTIFACT_SUFFIXES) or not model.exists():
+        return  # load_sidecar names what is wrong with it
+    kind = "a directory" if model.is_dir() else "not an exported artifact"
+    if model.is_dir() and (model / "config.json").is_file():
+        kind = "a run directory"
+    elif model.is_file():
+        kind = f"a {model.suffix or 'suffix-less'} file, not an exported artifact"
+    found = exported_from(model)
+    if found:
+        advice = f"its exported artifacts: {', '.join(str(path) for path in found)}"
+    else:
+        advice = f"export it first: dino-scale export --checkpoint {model}"
+    raise InputError(
+        f"{model} is {kind}; bench takes an exported artifact ({', '.join(ARTIFACT_SUFFIXES)} with its sidecar "
+        f"JSON) -- {advice}",
+        argument="model",
+    )
+
+
 def run_bench(options: BenchOptions, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Benchmark every requested runtime; print a table, optionally write JSON. Returns the results."""
     artifact = Path(options.model)
+    check_artifact(artifact)
     with blame("model"):
         meta = load_sidecar(artifact)
     device = resolve_device(options.device)
     image_size = int(meta["model"]["image_size"])
+    echo(artifact_image_size(artifact, meta).describe())
     uint8_input = meta["inputs"][0]["dtype"] == "uint8"
     rows: list[BenchRow] = []
     with tempfile.TemporaryDirectory(prefix="dino-scale-bench-") as scratch:
@@ -261,7 +312,8 @@ def run_bench(options: BenchOptions, echo: Callable[[str], None] = print) -> dic
         "results": [row.as_dict() for row in rows],
     }
     if options.json_out:
-        atomic_write_json(options.json_out, result)
+        with blame("json_out"):
+            atomic_write_json(options.json_out, result)
         echo(f"wrote {options.json_out}")
     return result
 

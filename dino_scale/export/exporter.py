@@ -15,23 +15,24 @@ from typing import Any
 import torch
 
 from dino_scale import run_dir as layout
-from dino_scale.data.shards import expand_shards
 from dino_scale.devices import resolve_device
 from dino_scale.errors import InputError, ParityError, blame
 from dino_scale.export.graph import INPUT_NAME, PRECISIONS, InferenceModel, input_shape, output_shapes, parse_outputs
 from dino_scale.export.parity import (
     MAX_RELATIVE_ERROR_FP32,
     MIN_COSINE_REDUCED,
+    PARITY_IMAGES,
     ParityReport,
     check_parity,
     parity_inputs,
+    real_images,
 )
 from dino_scale.export.runtimes import AotiRunner, OnnxRuntimeRunner, Runner, onnxruntime_providers
 from dino_scale.export.sidecar import sidecar, sidecar_path
 from dino_scale.export.tensorrt import TensorRTRunner, build_engine, has_precision_flags, import_tensorrt
 from dino_scale.export.writers import export_aoti, export_onnx, onnx_opset
 from dino_scale.io import atomic_write_json
-from dino_scale.models.weights import BackboneSource, build_backbone, load_source
+from dino_scale.models.weights import BackboneSource, build_backbone, choose_image_size, load_source
 
 FORMATS = {"onnx": ".onnx", "tensorrt": ".engine", "aoti": ".pt2"}
 DEFAULT_PARITY_SHARDS = Path("shards/sample/val")
@@ -47,7 +48,7 @@ class ExportOptions:
     which: str = "teacher"
     arch: str | None = None
     timm_kwargs: dict[str, Any] | None = None
-    image_size: int = 224
+    image_size: int | None = None  # None: the size the model was trained at (models.weights.choose_image_size)
     outputs: str = "cls"
     uint8_input: bool = False
     precision: str = "fp32"
@@ -122,15 +123,15 @@ def run_export(options: ExportOptions, echo: Callable[[str], None] = print) -> E
             checkpoint = str(layout.find_latest_run(options.runs_root))
             echo(f"no --checkpoint given: using the most recent run, {checkpoint}")
         source = load_source(checkpoint, options.which)
+    size = choose_image_size(source, options.image_size, options.arch, options.timm_kwargs)
+    options.image_size = size.value  # what the artifact is built for, and what its sidecar records
+    echo(size.describe())
     backbone, arch, timm_kwargs = build_backbone(source, options.image_size, options.arch, options.timm_kwargs)
     outputs = parse_outputs(options.outputs, backbone)
     device = resolve_device(options.device)
     if options.format == "tensorrt":
         import_tensorrt()  # raises Unavailable naming what is missing, before anything is written
-    shards = options.parity_shards or (str(DEFAULT_PARITY_SHARDS) if DEFAULT_PARITY_SHARDS.exists() else None)
-    if options.parity_shards:
-        with blame("parity_shards"):
-            expand_shards(options.parity_shards)
+    real = _parity_images(options, echo)
     out = artifact_path(options, source)
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -143,7 +144,7 @@ def run_export(options: ExportOptions, echo: Callable[[str], None] = print) -> E
         details, runners = _write_artifact(options, exported, staging, staging_onnx, device)
         echo(f"wrote {options.format} artifact in {time.monotonic() - start:.1f} s; checking parity")
         batches = [min(max(b, options.min_batch), options.max_batch) for b in options.parity_batches]
-        inputs = parity_inputs(reference, options.image_size, batches, shards, options.max_batch)
+        inputs = parity_inputs(reference, options.image_size, batches, real)
         report = check_parity(
             runners, reference, inputs, options.precision, options.max_relative_error, options.min_cosine
         )
@@ -158,6 +159,30 @@ def run_export(options: ExportOptions, echo: Callable[[str], None] = print) -> E
         staging_onnx.unlink(missing_ok=True)
     echo(f"exported {out} (+ {sidecar_path(out).name})")
     return ExportResult(out, sidecar_path(out), report, metadata)
+
+
+def _parity_images(options: ExportOptions, echo: Callable[[str], None]) -> tuple[str, torch.Tensor] | None:
+    """The parity gate's real images (labelled for its table), read before anything is written: from
+    ``--parity-shards`` (shards or an image folder), which must hold readable images, else from the checkout's
+    sample shards when the working directory has them. Never skipped silently: without them a line says so and how
+    to run the check."""
+    count = min(PARITY_IMAGES, options.max_batch)
+    size = int(options.image_size or 0)
+    if options.parity_shards is not None:
+        with blame("parity_shards"):
+            images = real_images(options.parity_shards, size, count, options.uint8_input)
+            if images is None:
+                raise InputError(f"{options.parity_shards} holds no readable image for the parity gate")
+        return f"images {Path(options.parity_shards).name}", images
+    images = real_images(DEFAULT_PARITY_SHARDS, size, count, options.uint8_input, missing_ok=True)
+    if images is None:
+        echo(
+            f"parity gate: real-image check skipped ({DEFAULT_PARITY_SHARDS} is not under {Path.cwd()} or holds no "
+            "readable image); run it with --parity-shards DIR (shards or a folder of images); random inputs still "
+            "gate the export"
+        )
+        return None
+    return f"images {DEFAULT_PARITY_SHARDS.name}", images
 
 
 def _write_artifact(

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from dino_scale.data.augment import normalize
-from dino_scale.data.items import ImageItem, list_shard_items
+from dino_scale.data.items import ImageItem, list_image_files, list_shard_items
 from dino_scale.data.loaders import iterate_crops
 from dino_scale.data.shards import expand_shards
 from dino_scale.errors import InputError, NotFound, ParityError
@@ -25,6 +25,7 @@ from dino_scale.export.runtimes import Runner
 
 MAX_RELATIVE_ERROR_FP32 = 1e-4
 MIN_COSINE_REDUCED = 0.999
+PARITY_IMAGES = 8  # real images in the gate (at most the largest batch)
 
 
 @dataclass
@@ -94,33 +95,43 @@ class ParityReport:
 
 
 def parity_inputs(
-    model: InferenceModel, image_size: int, batches: Iterable[int], shards: str | Path | None, max_batch: int = 8
+    model: InferenceModel, image_size: int, batches: Iterable[int], real: tuple[str, torch.Tensor] | None = None
 ) -> list[tuple[str, torch.Tensor]]:
-    """Random inputs at each batch size, plus up to 8 (at most ``max_batch``) real images from ``shards``."""
+    """Random inputs at each batch size, plus the ``real`` images (label, batch; see :func:`real_images`)."""
     inputs = [(f"random b{b}", example_input(model.uint8_input, image_size, batch=b, seed=b)) for b in batches]
-    if shards is not None:
-        images = real_images(shards, image_size, count=min(8, max_batch), as_uint8=model.uint8_input)
-        if images is not None:
-            inputs.append((f"images {Path(str(shards)).name}", images))
+    if real is not None:
+        inputs.append(real)
     return inputs
 
 
-def real_images(shards: str | Path, image_size: int, count: int, as_uint8: bool) -> torch.Tensor | None:
-    """The first readable ``count`` images of the shards, centre-cropped to ``image_size``: uint8 NHWC or normalised
-    NCHW; None when there are no such shards."""
-    try:
-        urls = expand_shards(str(shards))
-    except NotFound:
-        return None
+def _listed_items(source: Path, count: int) -> list[ImageItem]:
+    """Up to ``count`` items of a folder of images, or of shards (a folder of .tar files, a pattern)."""
+    if source.is_dir() and not any(source.glob("*.tar")):
+        return list_image_files(source)[0][:count]
     items: list[ImageItem] = []
-    for url in urls:  # one shard at a time: a long pattern is not listed in full for 8 images
+    for url in expand_shards(str(source)):  # one shard at a time: a long pattern is not listed in full for 8 images
         try:
             items += list_shard_items(url)[: count - len(items)]
         except InputError:  # nothing readable in this shard (already warned, naming it): try the next one
             continue
         if len(items) == count:
             break
-    for batch in iterate_crops(items, image_size, batch_size=count, workers=0, progress=False):
+    return items
+
+
+def real_images(
+    source: str | Path, image_size: int, count: int, as_uint8: bool, missing_ok: bool = False
+) -> torch.Tensor | None:
+    """The first readable ``count`` images of ``source`` (shards, or a folder of images), centre-cropped to
+    ``image_size``: uint8 NHWC or normalised NCHW; None when none is readable. A source that does not exist is a
+    NotFound, or None with ``missing_ok``."""
+    try:
+        items = _listed_items(Path(str(source)), count)
+    except NotFound:
+        if missing_ok:
+            return None
+        raise
+    for batch in iterate_crops(items, image_size, batch_size=max(count, 1), workers=0, progress=False):
         if batch.crops is not None:
             return batch.crops.permute(0, 2, 3, 1).contiguous() if as_uint8 else normalize(batch.crops)
     return None

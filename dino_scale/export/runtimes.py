@@ -93,6 +93,9 @@ class OnnxRuntimeRunner:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only: ORT warns about every node it assigns to the CPU
+        # The CPU kernels get the process's intra-op thread count (what --threads / devices.set_threads chose), not
+        # ORT's default of one thread per core, which oversubscribes the cores the DataLoader workers use.
+        options.intra_op_num_threads = torch.get_num_threads()
         provider_options: dict[str, str] = {}
         if provider == "CUDAExecutionProvider" and strict_fp32:
             provider_options["use_tf32"] = "0"  # TF32 matmuls would miss the fp32 parity bound (1e-4) by design

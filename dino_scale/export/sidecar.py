@@ -19,9 +19,12 @@ from dino_scale.export.graph import INPUT_NAME, PRECISIONS, InferenceModel, inpu
 from dino_scale.export.parity import ParityReport
 from dino_scale.io import file_sha256
 from dino_scale.models.backbones import patch_size_of
-from dino_scale.models.weights import BackboneSource, build_backbone, load_source
+from dino_scale.models.weights import BackboneSource, ImageSize, build_backbone, load_source
 
 SIDECAR_VERSION = 1
+# The artifacts `dino-scale export` writes (each with its sidecar), and the folder it writes them to by default.
+ARTIFACT_SUFFIXES = (".onnx", ".engine", ".pt2")
+EXPORT_ROOT = Path("export")
 
 
 def sidecar_path(artifact: Path) -> Path:
@@ -109,6 +112,8 @@ def load_sidecar(artifact: str | Path) -> dict[str, Any]:
     """The sidecar of an artifact, checked to belong to it (same sha256)."""
     artifact = Path(artifact)
     path = sidecar_path(artifact)
+    if artifact.is_dir():
+        raise InputError(f"{artifact} is a directory, not an exported artifact ({', '.join(ARTIFACT_SUFFIXES)})")
     if not artifact.is_file():
         raise NotFound(f"{artifact} does not exist")
     if not path.is_file():
@@ -120,6 +125,11 @@ def load_sidecar(artifact: str | Path) -> dict[str, Any]:
     if meta.get("artifact", {}).get("sha256") != file_sha256(artifact):
         raise InputError(f"{path} describes another file than {artifact} (sha256 differs); re-export it")
     return meta
+
+
+def artifact_image_size(artifact: Path, meta: dict[str, Any]) -> ImageSize:
+    """The size an exported artifact takes (fixed in its graph), as its sidecar records it."""
+    return ImageSize(int(meta["model"]["image_size"]), f"the size {artifact.name} was exported at: its sidecar")
 
 
 def backbone_from_sidecar(meta: dict[str, Any], image_size: int | None = None) -> nn.Module:

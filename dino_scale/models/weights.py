@@ -5,6 +5,9 @@ Sources (auto-detected, see :func:`load_source`): a run directory (its latest ch
 (detected by content, not suffix), an official facebookresearch/dino full checkpoint (``module.`` / ``backbone.`` /
 ``head.`` prefixes, ``args`` stored as argparse.Namespace), or an official backbone-only ``.pth`` (optionally under
 ``state_dict`` / ``model``, optionally prefixed). Nothing is unpickled beyond tensors and containers (dino_scale.io).
+
+The size a source runs at by default is the size it was trained at (:func:`choose_image_size`, the one rule of every
+command that takes a model), and :func:`load_backbone` is the Python API (``from dino_scale import load_backbone``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed
+from timm.models import get_pretrained_cfg
 from torch import nn
 
 from dino_scale import run_dir as layout
@@ -37,6 +42,12 @@ from dino_scale.models.backbones import (
 log = logging.getLogger(__name__)
 
 WHICH = ("teacher", "student")
+# The safetensors metadata key under which a backbone records the size it was trained at (decimal string).
+IMAGE_SIZE_METADATA_KEY = "image_size"
+# facebookresearch/dino trains every released model on 224 px global crops.
+OFFICIAL_DINO_IMAGE_SIZE = 224
+# What timm builds a ViT for when nothing says otherwise; the last resort of trained_image_size.
+DEFAULT_IMAGE_SIZE = 224
 # Key prefixes added by wrappers rather than by the backbone itself: DistributedDataParallel ("module.") and
 # torch.compile ("_orig_mod."). They can appear in either order, so they are stripped repeatedly.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -121,9 +132,27 @@ class BackboneSource:
     pos_embed_interpolation: str | None = None
     """The position-embedding interpolation the weights were trained with, where the source records it (our runs'
     ``model.pos_embed_interpolation``); None otherwise (official DINO releases, older runs)."""
+    image_size: int | None = None
+    """The input size (square, pixels) the weights were trained at, where the source records it: a run's or a
+    checkpoint's ``data.global_crop_size``, the ``image_size`` metadata of a safetensors backbone, 224 for an official
+    DINO checkpoint. None otherwise; :func:`trained_image_size` then falls back to the timm model's input size."""
+    image_size_origin: str | None = None
+    """Where ``image_size`` was read, for the line commands print (``data.global_crop_size in runs/x/config.json``)."""
 
     def sha256(self) -> str:
         return file_sha256(self.path)
+
+
+@dataclass(frozen=True)
+class ImageSize:
+    """An input size (square, pixels) and where it came from; :meth:`describe` is the line every command that takes
+    a model prints, so that the size a model runs at is never a silent default."""
+
+    value: int
+    origin: str
+
+    def describe(self) -> str:
+        return f"image size {self.value} ({self.origin})"
 
 
 def _arch_from_config(config: Any) -> tuple[str | None, dict[str, Any]]:
@@ -137,6 +166,34 @@ def _interpolation_from_config(config: Any) -> str | None:
     model = config.get("model") if isinstance(config, dict) else None
     method = model.get("pos_embed_interpolation") if isinstance(model, dict) else None
     return method if method in POS_EMBED_INTERPOLATIONS else None
+
+
+def _size_from_config(config: Any) -> int | None:
+    """``data.global_crop_size`` of a run's config: the size of the global crops, the one the teacher saw."""
+    data = config.get("data") if isinstance(config, dict) else None
+    size = data.get("global_crop_size") if isinstance(data, dict) else None
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
+def _size_from_run_config(run: Path) -> tuple[int | None, str | None]:
+    """The trained size a run directory's config.json records, with where (None, None: it records none)."""
+    config_file = run / layout.CONFIG_FILE
+    try:
+        size = _size_from_config(json.loads(config_file.read_text(encoding="utf-8")))
+    except (OSError, ValueError):  # unreadable: the size falls back, the weights are still usable
+        return None, None
+    return (size, f"data.global_crop_size in {config_file}") if size else (None, None)
+
+
+def _run_dir_of(path: Path) -> Path | None:
+    """The run directory a file of a run belongs to (runs/x/teacher_backbone.safetensors,
+    runs/x/checkpoints/step_N[.pt][/FILE]), or None."""
+    if layout.is_run_dir(path.parent):
+        return path.parent
+    for parent in path.parents:
+        if parent.name == layout.CHECKPOINT_SUBDIR:
+            return parent.parent if layout.is_run_dir(parent.parent) else None
+    return None
 
 
 def _arch_from_official_args(args: Any) -> str | None:
@@ -208,6 +265,8 @@ def load_source(source: str | Path, which: str = "teacher") -> BackboneSource:
     arch: str | None = None
     timm_kwargs: dict[str, Any] = {}
     interpolation: str | None = None
+    size: int | None = None
+    size_origin: str | None = None
     if path.is_dir() and not _is_folder_checkpoint(path):  # a run directory
         if layout.is_run_dir(path):
             run_name = path.name
@@ -218,6 +277,7 @@ def load_source(source: str | Path, which: str = "teacher") -> BackboneSource:
                 interpolation = _interpolation_from_config(config)
             except ValueError as error:
                 raise InputError(f"{config_file} is not valid JSON: {error}") from None
+            size, size_origin = _size_from_run_config(path)
         path = _file_of_run(path, which)
     if path.is_dir():  # a folder checkpoint of the sharded backends
         path = layout.folder_checkpoint_file(path, which)
@@ -234,9 +294,13 @@ def load_source(source: str | Path, which: str = "teacher") -> BackboneSource:
             timm_kwargs = json.loads(metadata["timm_kwargs"])
         if metadata.get("pos_embed_interpolation") in POS_EMBED_INTERPOLATIONS:
             interpolation = metadata["pos_embed_interpolation"]
+        recorded = metadata.get(IMAGE_SIZE_METADATA_KEY, "")
+        if recorded.isdigit() and int(recorded) > 0:  # the file's own record wins over its run's config
+            size, size_origin = int(recorded), f"{IMAGE_SIZE_METADATA_KEY} in the metadata of {path}"
         step = int(metadata["step"]) if metadata.get("step", "").isdigit() else None
         weights = select_backbone(load_safetensors(path), which, str(path))
-        return BackboneSource(path, weights, arch, timm_kwargs, which, run_name, step, interpolation)
+        source = BackboneSource(path, weights, arch, timm_kwargs, which, run_name, step, interpolation)
+        return _with_image_size(source, size, size_origin)
 
     obj = load_torch(path)
     step = None
@@ -244,8 +308,14 @@ def load_source(source: str | Path, which: str = "teacher") -> BackboneSource:
         if "config" in obj:  # ours
             arch, timm_kwargs = _arch_from_config(obj["config"])
             interpolation = _interpolation_from_config(obj["config"]) or interpolation
+            stored = _size_from_config(obj["config"])
+            if size is None and stored is not None:
+                size, size_origin = stored, f"data.global_crop_size in the config stored in {path}"
         elif "args" in obj:  # official DINO
             arch = _arch_from_official_args(obj["args"]) or arch
+            # facebookresearch/dino trains every released model on 224 px global crops (its args do not say so).
+            size = OFFICIAL_DINO_IMAGE_SIZE
+            size_origin = f"every official DINO model is trained at {size}; {path} holds DINO's args"
         teacher_only = "teacher" not in obj and "student" not in obj and path.name == layout.TRAINER_STATE_FILE
         if teacher_only and which == "student":
             raise InputError(
@@ -253,7 +323,79 @@ def load_source(source: str | Path, which: str = "teacher") -> BackboneSource:
             )
         step = obj.get("step") if isinstance(obj.get("step"), int) else None
     weights = select_backbone(obj, which, str(path))
-    return BackboneSource(path, weights, arch, timm_kwargs, which, run_name, step, interpolation)
+    source = BackboneSource(path, weights, arch, timm_kwargs, which, run_name, step, interpolation)
+    return _with_image_size(source, size, size_origin)
+
+
+def _with_image_size(source: BackboneSource, size: int | None, origin: str | None) -> BackboneSource:
+    """The source with its trained size: the one read so far, else the config.json of the run the file lies in."""
+    if size is None:
+        run = _run_dir_of(source.path)
+        size, origin = _size_from_run_config(run) if run is not None else (None, None)
+    source.image_size, source.image_size_origin = size, origin
+    return source
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The image size a model runs at
+# ----------------------------------------------------------------------------------------------------------
+
+
+def source_architecture(
+    source: BackboneSource, arch: str | None = None, timm_kwargs: dict[str, Any] | None = None
+) -> tuple[str | None, dict[str, Any]]:
+    """The architecture a source is built as: ``arch`` / ``timm_kwargs`` override what the source records; the
+    recorded timm_kwargs are dropped when ``arch`` names another architecture, since they belong to the recorded
+    one."""
+    if timm_kwargs is None:
+        timm_kwargs = source.timm_kwargs if arch in (None, source.arch) else {}
+    return arch or source.arch, dict(timm_kwargs)
+
+
+def _timm_input_size(arch: str | None, timm_kwargs: Mapping[str, Any]) -> ImageSize:
+    """The input size the timm model itself is built for: ``img_size`` in its kwargs, else timm's pretrained_cfg
+    ``input_size`` of the arch, else 224 (what timm builds a ViT for when nothing says otherwise)."""
+    nothing = "nothing records the size the model was trained at"
+    img_size = timm_kwargs.get("img_size")
+    if isinstance(img_size, (list, tuple)) and len(img_size) == 2 and img_size[0] == img_size[1]:
+        img_size = img_size[0]
+    if isinstance(img_size, int) and not isinstance(img_size, bool) and img_size > 0:
+        return ImageSize(img_size, f"{nothing}; the timm model's input size: img_size in the timm_kwargs of {arch}")
+    cfg = None
+    if arch:
+        try:
+            cfg = get_pretrained_cfg(arch)
+        except Exception:  # an arch timm does not know: building it names that
+            cfg = None
+    input_size = getattr(cfg, "input_size", None)
+    if input_size:
+        return ImageSize(int(input_size[-1]), f"{nothing}; the timm model's input size: timm's input_size of {arch}")
+    return ImageSize(DEFAULT_IMAGE_SIZE, f"{nothing}, nor the timm model's input size; the default")
+
+
+def trained_image_size(
+    source: BackboneSource, arch: str | None = None, timm_kwargs: dict[str, Any] | None = None
+) -> ImageSize:
+    """The size the source's weights were trained at (see :attr:`BackboneSource.image_size`), else -- when the source
+    records none -- the timm model's own input size (``img_size`` in the timm kwargs, as the recipes set it, else
+    timm's ``input_size`` of the arch). ``arch`` / ``timm_kwargs`` as for :func:`build_backbone`."""
+    if source.image_size is not None:
+        return ImageSize(source.image_size, f"the size the model was trained at: {source.image_size_origin}")
+    return _timm_input_size(*source_architecture(source, arch, timm_kwargs))
+
+
+def choose_image_size(
+    source: BackboneSource,
+    requested: int | None = None,
+    arch: str | None = None,
+    timm_kwargs: dict[str, Any] | None = None,
+    given_as: str = "--image-size",
+) -> ImageSize:
+    """The size a command runs a source at: ``requested`` where given (``given_as`` says how, for the printed
+    line), else :func:`trained_image_size`. The one rule of every command that takes a model."""
+    if requested is not None:
+        return ImageSize(int(requested), f"as given: {given_as}")
+    return trained_image_size(source, arch, timm_kwargs)
 
 
 def extract_backbone_state_dict(source: str | Path, which: str = "teacher") -> dict[str, torch.Tensor]:
@@ -393,15 +535,12 @@ def build_backbone(
     """
     if image_size <= 0:
         raise InputError(f"image size must be positive, got {image_size}", argument="image_size")
-    if timm_kwargs is None:
-        timm_kwargs = source.timm_kwargs if arch in (None, source.arch) else {}
-    arch = arch or source.arch
+    arch, kwargs = source_architecture(source, arch, timm_kwargs)
     if not arch:
         raise InputError(
             f"{source.path} does not record its architecture; name it (a timm name, e.g. vit_small_patch16_224)",
             argument="arch",
         )
-    kwargs = dict(timm_kwargs)
     if is_vit_arch(arch):
         # A fixed grid: pos_embed is resampled once at load time, so the graph holds no interpolation.
         kwargs.update(img_size=image_size, dynamic_img_size=False)
@@ -431,3 +570,56 @@ def build_backbone(
         raise InputError(f"{error}\n  (architecture used: {arch} {json.dumps(kwargs)})") from None
     kwargs.pop("dynamic_img_size", None)
     return backbone.eval(), arch, kwargs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Python API
+# ----------------------------------------------------------------------------------------------------------
+
+IMAGE_SIZE_ATTR = "dino_image_size"
+"""The attribute on which :func:`load_backbone` records the input size the model runs at (and was built for)."""
+
+
+def load_backbone(
+    source: str | Path,
+    which: str = "teacher",
+    image_size: int | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    arch: str | None = None,
+    timm_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """A trained backbone as a timm model, ready for inference: ``model(images)`` gives the pooled feature (a ViT's
+    final-norm CLS token, a CNN's global average pool), ``[B, model.num_features]``.
+
+    ``source``: a run directory, one of our checkpoints (a ``.pt`` file or a folder checkpoint), a safetensors
+    backbone, or a facebookresearch/dino ``.pth`` (official backbone-only files record no architecture: pass
+    ``arch``, e.g. ``"vit_small_patch16_224"``). ``which``: the teacher (default) or the student, where the source
+    holds both. ``image_size``: the square input size; by default the size the model was trained at (see
+    :func:`trained_image_size`). ``arch`` / ``timm_kwargs`` override what the source records.
+
+    The weights are loaded strictly (every tensor must match, else an InputError names the source and the keys);
+    a ViT is built for ``image_size`` with its position embeddings resampled once, as export and evaluation do.
+    The model is in eval mode, on ``device``, never downloads anything, and carries its size: ``dino_image_size``
+    (int), ``dino_image_size_origin`` (where it came from) and timm's ``pretrained_cfg``: ``input_size``
+    ``(3, size, size)`` and DINO's evaluation preprocessing (ImageNet mean / std, bicubic, crop_pct 224/256), which
+    timm's ``resolve_data_config`` reads.
+    """
+    loaded = load_source(source, which)
+    size = choose_image_size(loaded, image_size, arch, timm_kwargs, given_as="image_size")
+    backbone, _, _ = build_backbone(loaded, size.value, arch, timm_kwargs)
+    setattr(backbone, IMAGE_SIZE_ATTR, size.value)
+    backbone.dino_image_size_origin = size.origin
+    config = dict(getattr(backbone, "pretrained_cfg", None) or {})
+    # DINO's evaluation preprocessing, so that timm's resolve_data_config + create_transform reproduce it: resize the
+    # shorter side to size * 256 / 224 (bicubic), centre crop, ImageNet mean / std (timm's ViT defaults are 0.5).
+    config.update(
+        input_size=(3, size.value, size.value),
+        crop_pct=224 / 256,
+        interpolation="bicubic",
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+    )
+    config.pop("test_input_size", None)  # a size the model was not built for
+    backbone.pretrained_cfg = config
+    return backbone.to(device)

@@ -32,17 +32,14 @@ from dino_scale.devices import resolve_device
 from dino_scale.errors import InputError, NotFound, blame
 from dino_scale.export.graph import InferenceModel
 from dino_scale.export.runtimes import AotiRunner, OnnxRuntimeRunner, Runner, TorchRunner, onnxruntime_providers
-from dino_scale.export.sidecar import load_sidecar
+from dino_scale.export.sidecar import ARTIFACT_SUFFIXES, EXPORT_ROOT, artifact_image_size, load_sidecar
 from dino_scale.export.tensorrt import TensorRTRunner
-from dino_scale.models.weights import build_backbone, load_source
+from dino_scale.models.weights import ImageSize, build_backbone, choose_image_size, load_source
 from dino_scale.retrieval.vector_index import faiss_reason, write_faiss
 
 log = logging.getLogger(__name__)
 
 DESCRIPTORS = {"cls": ("cls",), "cls+gem": ("cls", "patch_gem")}
-ARTIFACT_SUFFIXES = (".onnx", ".engine", ".pt2")
-EXPORT_ROOT = Path("export")
-DEFAULT_IMAGE_SIZE = 224
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -64,6 +61,12 @@ class EmbeddingModel:
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
     info: dict[str, Any] = field(default_factory=dict)
+    image_size_origin: str = ""
+    """Where ``image_size`` came from (the sidecar, the trained size, --image-size, an index's manifest)."""
+
+    def size_line(self) -> str:
+        """The line commands print: ``image size 64 (the size the model was trained at: ...)``."""
+        return ImageSize(self.image_size, self.image_size_origin).describe()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -118,7 +121,7 @@ def _artifact_runner(path: Path, meta: dict[str, Any]) -> Runner:
 
 def load_embedding_model(
     model: str | Path | None,
-    image_size: int | None = None,
+    image_size: int | ImageSize | None = None,
     outputs: Sequence[str] = ("cls",),
     which: str = "teacher",
     arch: str | None = None,
@@ -127,12 +130,14 @@ def load_embedding_model(
     """An exported artifact (its sidecar says everything), or a run directory / checkpoint run through PyTorch.
 
     ``outputs`` are the model outputs the caller needs; an artifact exported without one of them is refused with
-    the export command that adds it. ``image_size`` applies to PyTorch sources (default 224) and must agree with
-    an artifact's. ``model=None`` picks the newest artifact in ``export/``.
+    the export command that adds it. ``image_size`` (a number given by the user, or an ImageSize that says where
+    it came from) must agree with an artifact's; for PyTorch sources it defaults to the size the model was trained
+    at (dino_scale.models.weights.choose_image_size). ``model=None`` picks the newest artifact in ``export/``.
     """
     path = Path(model) if model is not None else newest_artifact()
     if not path.exists():
         raise NotFound(f"{path} does not exist", argument="model")
+    requested = image_size.value if isinstance(image_size, ImageSize) else image_size
     if path.is_file() and path.suffix in ARTIFACT_SUFFIXES:
         with blame("model"):
             meta = load_sidecar(path)
@@ -144,10 +149,12 @@ def load_embedding_model(
                 f"`dino-scale export --outputs {','.join(dict.fromkeys([*have, *outputs]))}`",
                 argument="model",
             )
-        size = int(meta["model"]["image_size"])
-        if image_size is not None and image_size != size:
+        size = artifact_image_size(path, meta)
+        if requested is not None and requested != size.value:
+            origin = image_size.origin if isinstance(image_size, ImageSize) else "--image-size"
             raise InputError(
-                f"image_size {image_size} differs from the {size} that {path} was exported at", argument="image_size"
+                f"image_size {requested} ({origin}) differs from the {size.value} that {path} was exported at",
+                argument="image_size",
             )
         runner = _artifact_runner(path, meta)
         uint8 = meta["inputs"][0]["dtype"] == "uint8"
@@ -157,27 +164,29 @@ def load_embedding_model(
             path=path,
             kind=meta["format"],
             sha256=meta["artifact"]["sha256"],
-            image_size=size,
+            image_size=size.value,
             uint8_input=uint8,
             outputs=tuple(outputs),
             mean=tuple(pre["mean"]),
             std=tuple(pre["std"]),
             info={"arch": meta["model"]["arch"], "precision": meta["model"]["precision"], "runtime": runner.name},
+            image_size_origin=size.origin,
         )
-    size = image_size or DEFAULT_IMAGE_SIZE
     with blame("model"):
         source = load_source(path, which)
-    backbone, arch, _ = build_backbone(source, size, arch)
+    size = image_size if isinstance(image_size, ImageSize) else choose_image_size(source, image_size, arch)
+    backbone, arch, _ = build_backbone(source, size.value, arch)
     runner = TorchRunner(InferenceModel(backbone, outputs, uint8_input=True), resolve_device(device))
     return EmbeddingModel(
         runner=runner,
         path=path,
         kind="pytorch",
         sha256=source.sha256(),
-        image_size=size,
+        image_size=size.value,
         uint8_input=True,
         outputs=tuple(outputs),
         info={"arch": arch, "which": which, "weights_file": str(source.path), "runtime": runner.name},
+        image_size_origin=size.origin,
     )
 
 
@@ -300,12 +309,17 @@ def finish_descriptors(raw: np.ndarray, whitening: Whitening | None) -> np.ndarr
 
 
 def learn_whitening(
-    model: EmbeddingModel, source: str, descriptor: str, out_dim: int | None = None, **loader: Any
+    model: EmbeddingModel,
+    source: str | Sequence[ImageItem],
+    descriptor: str,
+    out_dim: int | None = None,
+    **loader: Any,
 ) -> tuple[Whitening, int, int]:
-    """PCA whitening learned on the raw descriptors of the images named by ``source`` (a folder or shards);
-    returns it with the number of images it was learned on and the number skipped as unreadable.
-    ``loader``: ``batch_size``, ``workers``, ``progress`` as for :func:`embed`."""
-    raw, _, skipped = embed_all(model, list_image_source(source), descriptor, raw=True, **loader)
+    """PCA whitening learned on the raw descriptors of the images named by ``source`` (a folder or shards, or the
+    items already listed from one); returns it with the number of images it was learned on and the number skipped
+    as unreadable. ``loader``: ``batch_size``, ``workers``, ``progress`` as for :func:`embed`."""
+    items = list_image_source(source) if isinstance(source, str) else source
+    raw, _, skipped = embed_all(model, items, descriptor, raw=True, **loader)
     return Whitening.learn(raw, out_dim), int(raw.shape[0]), len(skipped)
 
 

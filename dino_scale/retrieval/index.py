@@ -57,6 +57,7 @@ from dino_scale.io import (
     file_sha256,
     write_failure,
 )
+from dino_scale.models.weights import ImageSize
 from dino_scale.retrieval import vector_index
 from dino_scale.retrieval.embed import (
     DESCRIPTORS,
@@ -67,6 +68,7 @@ from dino_scale.retrieval.embed import (
     embed,
     learn_whitening,
     load_embedding_model,
+    newest_artifact,
 )
 
 MANIFEST_FILE = "manifest.json"
@@ -585,8 +587,9 @@ class IndexOptions:
     command: str = ""
 
 
-def _default_out(model: EmbeddingModel) -> Path:
-    name = model.path.stem if model.path.is_file() else model.path.name
+def _default_out(model: Path) -> Path:
+    """index/<model name>: an artifact's or checkpoint's stem, a run directory's name."""
+    name = model.stem if model.is_file() else model.name
     return DEFAULT_INDEX_ROOT / name
 
 
@@ -779,23 +782,29 @@ class IndexFolder:
     def open(cls, options: IndexOptions, echo: Callable[[str], None]) -> tuple[IndexFolder, EmbeddingModel]:
         """The folder the options name (or index/<model name>), created or checked against the model, descriptor
         and whitening asked for; and the embedding model. What cannot be read is rebuilt (see repair_manifest)."""
-        out_given = options.out is not None
-        manifest = repair_manifest(Path(options.out), echo) if out_given else None
+        model_path, which, whose = options.model, "teacher", ""
+        path = Path(options.out) if options.out is not None else None
+        manifest = repair_manifest(path, echo) if path is not None else None
+        if path is not None and model_path is None and manifest is not None:
+            # Re-running on an existing index: its own model, not whatever was exported last.
+            model_path, which = recorded_model(manifest, path), manifest["model"].get("which", "teacher")
+            whose = f"the model of the index {path}"
+        if model_path is None:
+            model_path, whose = str(newest_artifact()), "newest in export/"
+        if path is None:
+            path = _default_out(Path(model_path))
+            echo(f"index: {path}")
+            manifest = repair_manifest(path, echo)
         descriptor = options.descriptor or (manifest["descriptor"] if manifest else "cls")
         with blame("descriptor"):
             outputs = check_descriptor(descriptor)
-        model = load_embedding_model(
-            options.model,
-            options.image_size or (manifest["model"]["image_size"] if manifest else None),
-            outputs,
-            device=options.device,
-        )
-        if options.model is None:
-            echo(f"model: {model.path} (newest in export/)")
-        path = Path(options.out) if out_given else _default_out(model)
-        if not out_given:
-            echo(f"index: {path}")
-            manifest = repair_manifest(path, echo)
+        size: int | ImageSize | None = options.image_size
+        if size is None and manifest is not None:
+            size = ImageSize(manifest["model"]["image_size"], f"the size the index was built at: {path}")
+        model = load_embedding_model(model_path, size, outputs, which=which, device=options.device)
+        if whose:
+            echo(f"model: {model.path} ({whose})")
+        echo(model.size_line())
         if manifest is None:
             manifest = {
                 "manifest_version": MANIFEST_VERSION,
@@ -1027,19 +1036,26 @@ def open_index(index_dir: str | Path) -> OpenIndex:
     return OpenIndex(index_dir, manifest, index, rows, shard_rows, whitening)
 
 
-def query_model(opened: OpenIndex, model: str | None, device: str = "auto") -> EmbeddingModel:
-    """The model the index was built with (or ``model``, which must have the same weights)."""
-    recorded = opened.manifest["model"]
-    path = model or recorded["path"]
-    if model is None and not Path(path).exists():
+def recorded_model(manifest: dict[str, Any], index_dir: Path) -> str:
+    """The model an index was built with (its manifest's ``model.path``); NotFound blaming ``model`` when it is
+    gone."""
+    recorded = manifest["model"]
+    if not Path(recorded["path"]).exists():
         raise NotFound(
-            f"the model {path} that {opened.path} was built with is gone; name one with the same weights (sha256 "
-            f"{recorded['sha256'][:16]}…)",
+            f"the model {recorded['path']} that {index_dir} was built with is gone; name one with the same weights "
+            f"(sha256 {recorded['sha256'][:16]}…)",
             argument="model",
         )
+    return recorded["path"]
+
+
+def query_model(opened: OpenIndex, model: str | None, device: str = "auto") -> EmbeddingModel:
+    """The model the index was built with (or ``model``, which must have the same weights), at the index's size."""
+    recorded = opened.manifest["model"]
+    path = model or recorded_model(opened.manifest, opened.path)
     embedding_model = load_embedding_model(
         path,
-        recorded["image_size"],
+        ImageSize(recorded["image_size"], f"the size the index was built at: {opened.path}"),
         check_descriptor(opened.manifest["descriptor"]),
         which=recorded.get("which", "teacher"),
         device=device,
@@ -1057,12 +1073,15 @@ def search_images(
     workers: int | None = None,
     device: str = "auto",
     progress: bool = False,
+    echo: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
-    """Embed ``query`` (an image file or a folder of them) and return each one's k nearest indexed images."""
+    """Embed ``query`` (an image file or a folder of them) and return each one's k nearest indexed images;
+    ``echo`` gets the line saying the image size."""
     if k < 1:
         raise InputError(f"k must be >= 1, got {k}", argument="k")
     opened = open_index(index_dir)
     embedding_model = query_model(opened, model, device)
+    echo(embedding_model.size_line())
     query = Path(query)
     if query.is_dir():
         items, _ = list_image_files(query)

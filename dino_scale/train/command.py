@@ -17,18 +17,32 @@ from dino_scale.command import Command
 @click.option("--output-dir", type=click.Path(file_okay=False), help="Run directory (default runs/<name>).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a dotted key; repeatable.")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in the run directory.")
+@click.option("--overwrite", is_flag=True, help="Replace the run already in the run directory (its files only).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Overrides the recipe's device.")
+@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads per process [default: cores shared out].")
 @click.option("--local_rank", "--local-rank", "local_rank", type=int, hidden=True, help="Set by launchers.")
 def train_command(
-    config_path: str, output_dir: str | None, overrides: tuple[str, ...], resume: bool, local_rank: int | None
+    config_path: str,
+    output_dir: str | None,
+    overrides: tuple[str, ...],
+    resume: bool,
+    overwrite: bool,
+    device: str | None,
+    threads: int | None,
+    local_rank: int | None,
 ) -> None:
-    """Train DINO as the recipe says (one process here; the same module is what deepspeed/torchrun launch)."""
+    """Train DINO as the recipe says (one process here; the same module is what deepspeed/torchrun launch).
+
+    A fresh run needs an empty run directory (or --overwrite); --resume continues one. SIGTERM, SIGINT (Ctrl-C) and
+    SIGUSR1 stop after the current step with a checkpoint and exit status 75, for a job script to requeue."""
     from dino_scale.config import load_config
     from dino_scale.train.loop import train
 
-    all_overrides = list(overrides) + ([f"output_dir={json.dumps(output_dir)}"] if output_dir else [])
+    flags = {"output_dir": output_dir, "device": device, "threads": threads}
+    all_overrides = list(overrides) + [f"{key}={json.dumps(value)}" for key, value in flags.items() if value]
     cfg = load_config(config_path, all_overrides)
     try:
-        train(cfg, resume=resume)
+        train(cfg, resume=resume, overwrite=overwrite)
     except RuntimeError as error:
         if not lost_a_peer(error):
             raise

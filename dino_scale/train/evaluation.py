@@ -9,31 +9,31 @@ import torch
 from torch import nn
 
 from dino_scale.config import TrainConfig
-from dino_scale.data.items import list_labelled
 from dino_scale.data.loaders import labelled_batches
-from dino_scale.errors import blame
 from dino_scale.models.backbones import create_backbone
 from dino_scale.models.features import extract_features
 from dino_scale.models.knn import knn_accuracy
+from dino_scale.train.inputs import KnnSets
 
 log = logging.getLogger("dino_scale")
 
 
-def knn_vs_random_init(cfg: TrainConfig, backbone: nn.Module, device: torch.device) -> dict[str, float]:
-    """{"knn_top1_teacher", "knn_top1_random_init"} in %, or {} when the recipe names no k-NN sets."""
+def knn_vs_random_init(
+    cfg: TrainConfig, backbone: nn.Module, device: torch.device, sets: KnnSets | None
+) -> dict[str, float]:
+    """{"knn_top1_teacher", "knn_top1_random_init"} in % on `sets` (listed before training), or {} without sets."""
     ev = cfg.eval
-    if not (ev.knn_train_shards and ev.knn_val_shards):
+    if sets is None:
         return {}
-    with blame("eval.knn_train_shards"):
-        train_items, _ = list_labelled(ev.knn_train_shards)
-    with blame("eval.knn_val_shards"):
-        val_items, _ = list_labelled(ev.knn_val_shards)
+    train_items, val_items = sets.train, sets.val
 
     def top1(model: nn.Module) -> float:
         model = model.to(device)
         features = [
             extract_features(
-                model, labelled_batches(items, ev.image_size, ev.batch_size, cfg.data.num_workers), device=device,
+                model,
+                labelled_batches(items, ev.image_size, ev.batch_size, cfg.data.num_workers),
+                device=device,
                 normalize=True,
             )
             for items in (train_items, val_items)

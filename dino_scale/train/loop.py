@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterable
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -21,29 +23,44 @@ from torch import nn
 from dino_scale import run_dir as layout
 from dino_scale.config import TrainConfig
 from dino_scale.data.augment import MultiCropAugmentation
+from dino_scale.data.folders import survey_image_folder
 from dino_scale.data.loaders import TrainBatch, make_train_loader, stable_seed
 from dino_scale.data.shards import expand_shards, survey_shards
-from dino_scale.errors import ConfigError, blame
+from dino_scale.devices import set_threads
+from dino_scale.errors import PREEMPTED_EXIT_STATUS, ConfigError, Preempted, blame
 from dino_scale.io import atomic_write_json, save_safetensors
 from dino_scale.models.dino import build_student_teacher
-from dino_scale.models.weights import extract_backbone_state_dict, load_backbone_weights
+from dino_scale.models.weights import IMAGE_SIZE_METADATA_KEY, extract_backbone_state_dict, load_backbone_weights
 from dino_scale.train.backends import Backend, make_backend
+from dino_scale.train.backends.base import STOP_REQUESTED
 from dino_scale.train.ema import teacher_digest, update_teacher
 from dino_scale.train.evaluation import knn_vs_random_init
+from dino_scale.train.inputs import KnnSets, check_run_dir, clear_run_dir, list_knn_sets, log_changes
 from dino_scale.train.loss import DINOLoss
 from dino_scale.train.metrics import NonFiniteWatch, StepMetrics, setup_logging
 from dino_scale.train.monitor import CollapseMonitor
+from dino_scale.train.preemption import PreemptionSignals
 from dino_scale.train.schedules import build_schedules
 from dino_scale.train.state import DataPlan, TrainState
 
 log = logging.getLogger("dino_scale")
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Run (or resume) training as the recipe says; returns the last step's metrics record plus the final ones."""
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Run (or resume) training as the recipe says; returns the last step's metrics record plus the final ones.
+
+    A fresh run refuses a run directory that holds another run unless `overwrite` (which removes that run's files);
+    `resume` continues it. SIGTERM / SIGINT / SIGUSR1 end the run after the current optimizer step with a checkpoint
+    (errors.Preempted)."""
+    run_dir = cfg.resolved_output_dir()
+    changes = check_run_dir(cfg, resume, overwrite)  # every input is checked before the first step
+    knn_sets = list_knn_sets(cfg)
+    threads = set_threads(cfg.threads, cfg.data.num_workers, processes=local_processes())
     backend = make_backend(cfg)
     setup_logging(backend.is_main_process())
-    run_dir = cfg.resolved_output_dir()
+    log_changes(changes)
+    if overwrite and backend.is_main_process():
+        clear_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     plan = plan_data(cfg, backend)
     student, teacher = build_networks(cfg, backend)
@@ -56,59 +73,92 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         # The teacher starts as an exact copy of the student as the backend holds it: with DeepSpeed's bf16 mode
         # that is the fp32 master copy made from the bf16-rounded weights, not the fp32 initialisation.
         update_teacher(teacher, backend.student_weight_groups(), momentum=0.0)
-    announce(cfg, backend, plan, run_dir)
+    announce(cfg, backend, plan, run_dir, threads)
     last_step = min(schedules.total_steps, cfg.max_steps or schedules.total_steps)
     metrics = StepMetrics(
         run_dir / layout.METRICS_FILE, backend, schedules, plan.global_batch, last_step, state.step, cfg.log_every
     )
+    if changes is not None and (changes.hyperparameters or changes.run_control):
+        metrics.event(state.step, "resumed_with_changes", **asdict(changes))
     non_finite = NonFiniteWatch()
     collapse = CollapseMonitor(cfg.monitor, cfg.model.out_dim)
     accumulation = backend.batch.accumulation_steps
 
-    while state.step < last_step:
-        epoch = state.epoch
-        batches = epoch_batches(cfg, plan, backend, augmentation, state)
-        for micro_batch, batch in enumerate(batches, start=state.first_micro_batch):
-            state.count_skipped(batch.skipped, batch.skipped_shards)
-            views = augmentation.to_model_input(batch.views, backend.device)
-            last_micro_batch = (micro_batch + 1) % accumulation == 0
-            with backend.forward_context(sync_gradients=last_micro_batch):
-                teacher_output = teacher(views[:2])  # the teacher sees the two global crops only
-                student_output = student(views)
-            loss, stats = loss_fn(student_output, teacher_output, float(schedules.teacher_temp[state.step]))
-            backend.backward(loss / accumulation, sync_gradients=last_micro_batch)
-            metrics.add_micro_batch(loss, accumulation)
-            non_finite.observe(
-                student_output=student_output, teacher_output=teacher_output, center=loss_fn.center, loss=loss
-            )
-            if not last_micro_batch:
-                continue
+    with PreemptionSignals() as signals:
+        while state.step < last_step:
+            epoch = state.epoch
+            batches = epoch_batches(cfg, plan, backend, augmentation, state)
+            for micro_batch, batch in enumerate(batches, start=state.first_micro_batch):
+                state.count_skipped(batch.skipped, batch.skipped_shards)
+                views = augmentation.to_model_input(batch.views, backend.device)
+                last_micro_batch = (micro_batch + 1) % accumulation == 0
+                with backend.forward_context(sync_gradients=last_micro_batch):
+                    teacher_output = teacher(views[:2])  # the teacher sees the two global crops only
+                    student_output = student(views)
+                loss, stats = loss_fn(student_output, teacher_output, float(schedules.teacher_temp[state.step]))
+                backend.backward(loss / accumulation, sync_gradients=last_micro_batch)
+                metrics.add_micro_batch(loss, accumulation)
+                non_finite.observe(
+                    student_output=student_output, teacher_output=teacher_output, center=loss_fn.center, loss=loss
+                )
+                if not last_micro_batch:
+                    continue
 
-            step = state.step
-            result = backend.optimizer_step(  # updates nothing when this step went non-finite on any rank
-                float(schedules.lr[step]),
-                float(schedules.weight_decay[step]),
-                freeze_last_layer=step / plan.steps_per_epoch < cfg.optim.freeze_last_layer,
-                flags=non_finite.take(),
-            )
-            if result.applied:
-                loss_fn.update_center()
-                update_teacher(teacher, backend.student_weight_groups(), float(schedules.momentum[step]))
-            else:
-                loss_fn.discard_pending()
-            state.finish_step(result)  # stops on a non-finite step unless the skip budget allows it
-            record = metrics.step_done(state.step, epoch, stats, result.grad_norm, state.counts(), state.skipped_steps)
-            if record is not None:
-                state.check_skipped_fraction(record)
-                collapse.observe(record)
-            if state.checkpoint_due(last_step):
-                state.save(run_dir)
-            if state.step >= last_step:
-                break
+                step = state.step
+                result = backend.optimizer_step(  # updates nothing when this step went non-finite on any rank
+                    float(schedules.lr[step]),
+                    float(schedules.weight_decay[step]),
+                    freeze_last_layer=step / plan.steps_per_epoch < cfg.optim.freeze_last_layer,
+                    flags={**non_finite.take(), STOP_REQUESTED: signals.flag()},  # one collective for all flags
+                )
+                if result.applied:
+                    loss_fn.update_center()
+                    update_teacher(teacher, backend.student_weight_groups(), float(schedules.momentum[step]))
+                else:
+                    loss_fn.discard_pending()
+                state.finish_step(result)  # stops on a non-finite step unless the skip budget allows it
+                record = metrics.step_done(
+                    state.step, epoch, stats, result.grad_norm, state.counts(), state.skipped_steps
+                )
+                if record is not None:
+                    state.check_skipped_fraction(record)
+                    collapse.observe(record)
+                saved = state.checkpoint_due(last_step)
+                if saved:
+                    state.save(run_dir)
+                if state.step >= last_step:
+                    break
+                if backend.stop_requested:  # a signal reached some rank: every rank stops at this step
+                    stop_preempted(backend, state, metrics, run_dir, signals.name, saved)
 
-    record = finish(cfg, backend, teacher, state.step, metrics, run_dir)
+    record = finish(cfg, backend, teacher, state.step, metrics, run_dir, knn_sets)
     backend.close()  # on an error there is no clean-up barrier: other ranks may be stuck; the launcher stops them
     return record
+
+
+def local_processes() -> int:
+    """Training processes on this machine (torchrun and the deepspeed launcher say; else one)."""
+    try:
+        return max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    except ValueError:
+        return 1
+
+
+def stop_preempted(
+    backend: Backend, state: TrainState, metrics: StepMetrics, run_dir: Path, signal_name: str, saved: bool
+) -> NoReturn:
+    """Checkpoint (unless this step's is already written) on every rank, close the logs, and raise Preempted."""
+    if not saved:
+        state.save(run_dir)
+    checkpoint = layout.find_latest_checkpoint(run_dir)
+    metrics.event(state.step, "preempted", signal=signal_name, checkpoint=str(checkpoint))
+    metrics.progress.close()
+    metrics.close()
+    backend.close()
+    raise Preempted(
+        f"stopped by {signal_name} after step {state.step}: checkpoint {checkpoint}; continue with --resume "
+        f"(exit status {PREEMPTED_EXIT_STATUS})"
+    )
 
 
 # The schedules hold one value per optimizer step (four float64 arrays, as official DINO's): 10^7 steps is 320 MB and
@@ -119,14 +169,19 @@ MAX_TOTAL_STEPS = 10**7
 def plan_data(cfg: TrainConfig, backend: Backend) -> DataPlan:
     """The usable training shards (damaged ones left out, with a warning each) and the epoch length in optimizer
     steps (from data.samples_per_epoch, or the shards' counts)."""
-    with blame("data.train_shards"):
-        survey = survey_shards(expand_shards(cfg.data.train_shards))
+    source_key = "data.train_images" if cfg.data.train_images is not None else "data.train_shards"
+    with blame(source_key):
+        if cfg.data.train_images is not None:
+            survey = survey_image_folder(cfg.data.train_images)
+        else:
+            survey = survey_shards(expand_shards(cfg.data.train_shards))
     samples = cfg.data.samples_per_epoch or survey.samples
     batch = backend.batch
     steps = samples // batch.global_batch
     if steps == 0:
         raise ConfigError(
-            f"data.train_shards={cfg.data.train_shards!r} holds {samples} samples per epoch, fewer than one global "
+            f"{source_key}={getattr(cfg.data, source_key.split('.')[1])!r} holds {samples} samples per epoch, fewer "
+            "than one global "
             f"batch of {batch.global_batch} (micro batch {batch.micro_batch} x accumulation "
             f"{batch.accumulation_steps} x {backend.world_size} processes)"
         )
@@ -190,7 +245,7 @@ def epoch_batches(
     )
 
 
-def announce(cfg: TrainConfig, backend: Backend, plan: DataPlan, run_dir: Path) -> None:
+def announce(cfg: TrainConfig, backend: Backend, plan: DataPlan, run_dir: Path, threads: int) -> None:
     """Write the resolved recipe into the run directory and say what will run (main process)."""
     if not backend.is_main_process():
         return
@@ -198,7 +253,7 @@ def announce(cfg: TrainConfig, backend: Backend, plan: DataPlan, run_dir: Path) 
     batch = backend.batch
     log.info(
         "%s: %d samples/epoch, global batch %d (%d x %d accumulation x %d processes), %d steps/epoch, "
-        "%d epochs, device %s, backend %s",
+        "%d epochs, device %s, backend %s, %d intra-op thread(s) + %d data worker(s) per process",
         cfg.name,
         plan.samples_per_epoch,
         plan.global_batch,
@@ -209,11 +264,19 @@ def announce(cfg: TrainConfig, backend: Backend, plan: DataPlan, run_dir: Path) 
         cfg.epochs,
         backend.device,
         backend.name,
+        threads,
+        cfg.data.num_workers,
     )
 
 
 def finish(
-    cfg: TrainConfig, backend: Backend, teacher: nn.Module, step: int, metrics: StepMetrics, run_dir: Path
+    cfg: TrainConfig,
+    backend: Backend,
+    teacher: nn.Module,
+    step: int,
+    metrics: StepMetrics,
+    run_dir: Path,
+    knn_sets: KnnSets | None,
 ) -> dict[str, Any]:
     """Prove the teacher replicas identical, write the teacher backbone and the final records, run the final k-NN."""
     metrics.progress.close()
@@ -229,12 +292,13 @@ def finish(
                 "arch": cfg.model.arch,
                 "timm_kwargs": json.dumps(cfg.model.timm_kwargs),
                 "pos_embed_interpolation": cfg.model.pos_embed_interpolation,
+                IMAGE_SIZE_METADATA_KEY: str(cfg.data.global_crop_size),  # every command's default input size
                 "step": str(step),
             },
         )
         record["teacher_sha256_per_rank"] = digests
         metrics.event(step, "final", teacher_sha256_per_rank=digests)
-        final_knn = knn_vs_random_init(cfg, teacher.backbone, backend.device)
+        final_knn = knn_vs_random_init(cfg, teacher.backbone, backend.device, knn_sets)
         if final_knn:
             record.update(final_knn)
             metrics.event(step, "final_knn", **final_knn)

@@ -1,5 +1,6 @@
-"""What training reports: a JSON record per logged step (metrics.jsonl), a progress bar or log line, and the
-non-finite watch. Between log steps nothing leaves the device: the loss is summed there and read once per log step.
+"""What training reports: a JSON record per logged step (metrics.jsonl, and the same numbers as TensorBoard scalars
+in tensorboard/ where the `tensorboard` package is installed), a progress bar or log line, and the non-finite watch.
+Between log steps nothing leaves the device: the loss is summed there and read once per log step.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import json
 import logging
 import sys
 import time
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +33,59 @@ def setup_logging(main_process: bool) -> None:
     )
 
 
-class MetricsWriter:
-    """Appends one JSON object per line and flushes it, so `tail -f` and crash forensics see every record."""
+TENSORBOARD_DIR = "tensorboard"
+"""The run-directory subfolder of the TensorBoard event files (`tensorboard --logdir runs/` finds every run's)."""
 
-    def __init__(self, path: Path | None) -> None:
+
+class TensorBoardScalars:
+    """Every number of a metrics.jsonl record as a TensorBoard scalar, so runs can be compared live in TensorBoard.
+
+    A step record's fields become ``train/<field>`` at the record's step, an event's (``final_knn``) become
+    ``<event>/<field>``; lists and strings are left out. It only mirrors records that are already on the host, so it
+    adds no device synchronisation. TensorBoard is optional: without it nothing is written, not even the folder.
+    """
+
+    def __init__(self, folder: Path, first_step: int = 0) -> None:
+        self.folder = folder
+        self._writer: Any = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception as error:  # not installed (ImportError) or broken (protobuf clashes): training goes on
+            log.info("TensorBoard event files are not written (%s); pip install -e .[tensorboard] for them", error)
+            return
+        # A resumed run starts a new event file in the same folder; purge_step hides the earlier part's records
+        # past the checkpoint, which this run logs again (metrics.jsonl keeps both: it is the raw log).
+        self._writer = SummaryWriter(log_dir=str(folder), purge_step=first_step + 1 if first_step else None)
+
+    @property
+    def enabled(self) -> bool:
+        return self._writer is not None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._writer is None:
+            return
+        prefix = record.get("event", "train")
+        step = record.get("step")
+        for name, value in record.items():
+            # bool is an int, but a flag is no curve; "step" is the x axis itself.
+            if name != "step" and isinstance(value, Real) and not isinstance(value, bool):
+                self._writer.add_scalar(f"{prefix}/{name}", float(value), global_step=step)
+        self._writer.flush()  # a record per log step only: keep TensorBoard as current as metrics.jsonl
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class MetricsWriter:
+    """Appends one JSON object per line and flushes it, so `tail -f` and crash forensics see every record; with
+    ``tensorboard`` (a folder) mirrors each record there as TensorBoard scalars (:class:`TensorBoardScalars`)."""
+
+    def __init__(self, path: Path | None, tensorboard: Path | None = None, first_step: int = 0) -> None:
         self.path = path
         self._file = None
+        self.tensorboard = TensorBoardScalars(tensorboard, first_step) if tensorboard is not None else None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = path.open("a", encoding="utf-8")
@@ -45,11 +94,15 @@ class MetricsWriter:
         if self._file is not None:
             self._file.write(json.dumps(record, allow_nan=True) + "\n")
             self._file.flush()
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -102,7 +155,8 @@ class StepMetrics:
         main = backend.is_main_process()
         self.backend, self.schedules, self.global_batch = backend, schedules, global_batch
         self.last_step, self.log_every = last_step, log_every
-        self.writer = MetricsWriter(path if main else None)
+        # Only the main process writes: metrics.jsonl and, beside it, the TensorBoard event files.
+        self.writer = MetricsWriter(path, path.parent / TENSORBOARD_DIR, first_step) if main else MetricsWriter(None)
         self.progress = Progress(last_step, "step", initial=first_step, enabled=main)
         # float64: the sum of micro-batch losses / accumulation steps, as a Python float sum would give it.
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=backend.device)

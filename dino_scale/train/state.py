@@ -228,8 +228,7 @@ class TrainState:
             set_rng_state(per_rank[self.backend.rank])
             return
         log.warning(
-            "checkpoint holds RNG states of %d process(es), this run has %d: drop-path masks restart from a fresh "
-            "seed",
+            "checkpoint holds RNG states of %d process(es), this run has %d: drop-path masks restart from a fresh seed",
             len(per_rank),
             self.backend.world_size,
         )

@@ -240,8 +240,12 @@ MISSING: list[tuple[str, str]] = [  # a file gone, or dropped from the manifest
     ("manifest-not-json", "manifest.json"),
     ("unlisted-file", "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt"),
 ]
-FOREIGN_FILES = [*((name, "") for name in FOREIGN), *((name, "student_full.pt") for name in FOREIGN),
-                 ("dict-without-student", "trainer_state.pt"), ("list", "trainer_state.pt")]
+FOREIGN_FILES = [
+    *((name, "") for name in FOREIGN),
+    *((name, "student_full.pt") for name in FOREIGN),
+    ("dict-without-student", "trainer_state.pt"),
+    ("list", "trainer_state.pt"),
+]
 
 
 def run_copy(single_file_run: Path, folder_run: Path, inside: str, tmp_path: Path) -> tuple[Path, Path]:
@@ -275,12 +279,15 @@ CORPUS = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("case", "inside", "how"), CORPUS, ids=[f"{c}-{i or 'single-file'}" for c, i, _ in CORPUS]
-)
+@pytest.mark.parametrize(("case", "inside", "how"), CORPUS, ids=[f"{c}-{i or 'single-file'}" for c, i, _ in CORPUS])
 def test_damaged_or_foreign_latest_falls_back_to_the_previous_good_one(
-    single_file_run: Path, folder_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, case: str,
-    inside: str, how: Any
+    single_file_run: Path,
+    folder_run: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    case: str,
+    inside: str,
+    how: Any,
 ) -> None:
     run_dir, bad = run_copy(single_file_run, folder_run, inside, tmp_path)
     break_checkpoint(case, inside, how, bad)
@@ -294,8 +301,13 @@ def test_damaged_or_foreign_latest_falls_back_to_the_previous_good_one(
 
 @pytest.mark.parametrize(
     ("case", "inside", "how"),
-    [("bit-flip", "", flip_bits), ("list", "", None), ("truncated-half", "student_full.pt", truncate(0.5)),
-     ("dict-without-student", "trainer_state.pt", None), ("missing-file", "student_full.pt", None)],
+    [
+        ("bit-flip", "", flip_bits),
+        ("list", "", None),
+        ("truncated-half", "student_full.pt", truncate(0.5)),
+        ("dict-without-student", "trainer_state.pt", None),
+        ("missing-file", "student_full.pt", None),
+    ],
 )
 def test_nothing_usable_fails_with_one_line_listing_what_was_tried(
     single_file_run: Path, folder_run: Path, tmp_path: Path, case: str, inside: str, how: Any
@@ -437,8 +449,11 @@ def test_a_real_full_disk(tmp_path: Path) -> None:
     trains there also reports what it left."""
     mount = tmp_path / "tiny"
     mount.mkdir()
-    probe = subprocess.run(["unshare", "-Urm", "mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        ["unshare", "-Urm", "mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
     if probe.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs in a user namespace here: {probe.stderr.strip()}")
     script = tmp_path / "tiny_fs.py"
@@ -452,8 +467,15 @@ def test_a_real_full_disk(tmp_path: Path) -> None:
         text=True,
         cwd=REPO,
         timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "MOUNT": str(mount), "PYTHON": sys.executable,
-             "SCRIPT": str(script), "RUN": str(run_dir), "SETS": json.dumps(sets)},
+        env={
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "MOUNT": str(mount),
+            "PYTHON": sys.executable,
+            "SCRIPT": str(script),
+            "RUN": str(run_dir),
+            "SETS": json.dumps(sets),
+        },
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -505,9 +527,12 @@ def plant_deepspeed(run_dir: str, marker: str) -> None:
     """(Rank 0.) One payload per checkpoint, in each file a same-count DeepSpeed resume reads."""
     if int(os.environ["RANK"]) != 0:
         return
-    for step, name in ((4, "trainer_state.pt"), (3, "deepspeed/mp_rank_00_model_states.pt"),
-                       (2, "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt"),
-                       (1, "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt")):
+    for step, name in (
+        (4, "trainer_state.pt"),
+        (3, "deepspeed/mp_rank_00_model_states.pt"),
+        (2, "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+        (1, "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+    ):
         folder = layout.checkpoint_path(run_dir, step, folder=True)
         plant_torch_file(folder / name, Path(marker))
         rewrite_manifest(folder)
@@ -575,8 +600,11 @@ def two_process_faults(tmp_path_factory: pytest.TempPathFactory) -> dict[str, An
     five = ("max_steps=5", "checkpoint_every=1", "data.samples_per_epoch=96")  # 6 steps per epoch of 16
     plan: list[dict] = []
     for backend, sets, legacy_file in (
-        ("deepspeed", ("backend=deepspeed", "deepspeed.zero_optimization.stage=2"),
-         "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+        (
+            "deepspeed",
+            ("backend=deepspeed", "deepspeed.zero_optimization.stage=2"),
+            "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        ),
         ("fsdp", ("backend=fsdp",), "dcp/__1_0.distcp"),
     ):
         run = out / backend
@@ -588,8 +616,11 @@ def two_process_faults(tmp_path_factory: pytest.TempPathFactory) -> dict[str, An
             call_action(f"{me}:legacy_and_damaged", str(out / f"{backend}-legacy"), legacy_file),
             # (max_steps=4: the injected failure still fails step 5's save)
             train_action(out / f"{backend}-legacy", *sets, *five, "max_steps=4", resume=True),
-            call_action(f"{me}:plant_{'dcp' if backend == 'fsdp' else 'deepspeed'}", str(out / f"{backend}-planted"),
-                        str(marker.with_name(f"PWNED-{backend}"))),
+            call_action(
+                f"{me}:plant_{'dcp' if backend == 'fsdp' else 'deepspeed'}",
+                str(out / f"{backend}-planted"),
+                str(marker.with_name(f"PWNED-{backend}")),
+            ),
             train_action(out / f"{backend}-planted", *sets, *five, resume=True),
         ]
     results = launch_plan(2, out, plan)
@@ -628,8 +659,10 @@ def test_damaged_checkpoint_without_manifest_falls_back(two_process_faults: dict
     for rank in (0, 1):
         assert _result(two_process_faults, rank, backend, 1).get("record", {}).get("step") == 4
     log = (two_process_faults["out"] / "plan_rank0.log").read_text()
-    assert f"checkpoint {two_process_faults['out'] / f'{backend}-legacy' / 'checkpoints' / 'step_00000004'} is " \
-           "unusable" in log
+    assert (
+        f"checkpoint {two_process_faults['out'] / f'{backend}-legacy' / 'checkpoints' / 'step_00000004'} is "
+        "unusable" in log
+    )
     assert "has no manifest" in log
 
 
@@ -641,14 +674,21 @@ def test_payloads_planted_in_every_file_a_resume_reads_never_run(
     assert not marker.exists(), "a planted payload ran while resuming"  # (the checks below run them on purpose)
     folder = two_process_faults["out"] / f"{backend}-planted" / "checkpoints"
     if backend == "deepspeed":
-        planted = ["step_00000004/trainer_state.pt", "step_00000003/deepspeed/mp_rank_00_model_states.pt",
-                   "step_00000002/deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                   "step_00000001/deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+        planted = [
+            "step_00000004/trainer_state.pt",
+            "step_00000003/deepspeed/mp_rank_00_model_states.pt",
+            "step_00000002/deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "step_00000001/deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        ]
         for name in planted:
             assert live(lambda name=name: torch.load(folder / name, weights_only=False), marker)
     else:
-        planted = ["step_00000004/dcp/.metadata", "step_00000003/dcp/__0_0.distcp", "step_00000002/dcp/__1_0.distcp",
-                   "step_00000001/trainer_state.pt"]
+        planted = [
+            "step_00000004/dcp/.metadata",
+            "step_00000003/dcp/__0_0.distcp",
+            "step_00000002/dcp/__1_0.distcp",
+            "step_00000001/trainer_state.pt",
+        ]
         assert live(lambda: pickle.loads((folder / planted[0]).read_bytes()), marker)
         for name in planted[1:3]:
             data = (folder / name).read_bytes()

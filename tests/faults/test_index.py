@@ -64,7 +64,9 @@ def index(base: Base, out: Path, *extra: object, images: Path | None = None) -> 
 
 
 def search(base: Base, folder: Path) -> Result:
-    return invoke("search", "--index", folder, "--query", base.images / "03.png", "-k", "5", "--json", "--workers", "0")
+    return invoke(
+        "search", "--index", folder, "--query", base.images / "03.png", "-k", "5", "--json", "-", "--workers", "0"
+    )
 
 
 def dedup(folder: Path) -> Result:
@@ -73,7 +75,7 @@ def dedup(folder: Path) -> Result:
 
 def hits(result: Result) -> list[str]:
     assert result.exit_code == 0, result.output
-    return [hit["key"] for hit in json.loads(result.output)["results"][0]["neighbours"]]
+    return [hit["key"] for hit in json.loads(result.stdout)["results"][0]["neighbours"]]
 
 
 def one_line_error(result: Result, *needles: str) -> str:

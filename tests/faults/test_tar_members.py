@@ -22,6 +22,7 @@ def jpeg(seed: int) -> bytes:
 
 def hostile_shard(path: Path) -> None:
     with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+
         def add(name: str, payload: bytes | None = None, **fields) -> None:
             info = tarfile.TarInfo(name)
             for key, value in fields.items():

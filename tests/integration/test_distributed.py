@@ -59,8 +59,15 @@ def train_command(nproc: int | None, run_dir: Path, *overrides: str, resume: boo
     launcher = (
         [sys.executable, "-m", "dino_scale.train"]
         if nproc is None
-        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
-              "dino_scale.train"]
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "dino_scale.train",
+        ]
     )
     workers = 2 if nproc in (None, 1) else 1  # two readers in total, whatever the layout
     sets = [*COMMON, f"data.num_workers={workers}", *overrides]
@@ -458,9 +465,12 @@ def test_checkpoint_saved_while_the_last_layer_is_frozen_resumes_on_zero2(resume
     checkpoint) and ends where the one process did: the same losses, and the same step counts (the last layer's 3,
     from step 6 on) in its checkpoint."""
     resumed = resume_matrix / "two" / "frozen-local-on-zero2"
-    assert "head.last_layer.parametrizations.weight.original1" not in torch.load(
-        reference / "checkpoints" / "step_00000004.pt", map_location="cpu", weights_only=True
-    )["optimizer"]["state"]
+    assert (
+        "head.last_layer.parametrizations.weight.original1"
+        not in torch.load(reference / "checkpoints" / "step_00000004.pt", map_location="cpu", weights_only=True)[
+            "optimizer"
+        ]["state"]
+    )
     for step in range(5, STEPS + 1):
         assert losses(resumed)[step] == pytest.approx(losses(reference)[step], rel=1e-5), step
     latest = sorted((resumed / "checkpoints").glob("step_*"))[-1]

@@ -82,9 +82,9 @@ def test_index_then_search_finds_the_original_of_a_mild_copy(trained: dict[str, 
     originals = image_files(trained["images"])[::12]
     for n, original in enumerate(originals):
         write_mild_copy(original, queries / f"q{n}.jpg", seed=n)
-    result = invoke("search", "--index", str(out), "--query", str(queries), "-k", "5", "--json", "--workers", "0")
+    result = invoke("search", "--index", str(out), "--query", str(queries), "-k", "5", "--json", "-", "--workers", "0")
     assert result.exit_code == 0, result.output
-    found = json.loads(result.output)
+    found = json.loads(result.stdout)
     assert [r["query"] for r in found["results"]] == [str((queries / f"q{n}.jpg").resolve()) for n in range(4)]
     for result_row, original in zip(found["results"], originals, strict=True):
         hits = result_row["neighbours"]
@@ -93,7 +93,9 @@ def test_index_then_search_finds_the_original_of_a_mild_copy(trained: dict[str, 
         assert all(a["score"] >= b["score"] for a, b in zip(hits, hits[1:], strict=False))
     # The text form prints the same ranking.
     text = invoke("search", "--index", str(out), "--query", str(queries / "q0.jpg"), "-k", "2", "--workers", "0")
-    assert text.exit_code == 0 and str(originals[0].resolve()) in text.output.splitlines()[1]
+    lines = text.output.splitlines()
+    assert text.exit_code == 0 and lines[0] == f"image size {SIZE} (the size tiny.onnx was exported at: its sidecar)"
+    assert lines[1].startswith("query ") and str(originals[0].resolve()) in lines[2]
 
 
 def _index(images: Path, model: Path, out: Path, **kwargs: object) -> dict:
@@ -276,7 +278,9 @@ def test_whitening_is_learned_recorded_and_applied(trained: dict[str, Path], tmp
     query = tmp_path / "q.jpg"
     original = image_files(trained["images"])[5]
     write_mild_copy(original, query, seed=7)
-    found = json.loads(invoke("search", "--index", str(out), "--query", str(query), "--json", "--workers", "0").output)
+    found = json.loads(
+        invoke("search", "--index", str(out), "--query", str(query), "--json", "-", "--workers", "0").stdout
+    )
     assert found["results"][0]["neighbours"][0]["path"] == str(original.resolve())
     refused = index_cli(str(trained["images"]), str(trained["onnx"]), str(out), "--whiten-on", SAMPLE_VAL)
     assert refused.exit_code != 0 and "whitening" in refused.output

@@ -188,8 +188,13 @@ def test_demo_recipe_loss_falls_and_teacher_beats_random_init_on_knn(tmp_path: P
 
     # The demo's second half (scripts/demo_retrieval.sh): export -> index -> search -> eval knn on this run.
     env = {**os.environ, "PYTHON": sys.executable}
-    done = subprocess.run(["bash", str(REPO / "scripts/demo_retrieval.sh"), str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts/demo_retrieval.sh"), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     query_key = next(line for line in lines if line.startswith("query: a mild copy")).split("#")[1]

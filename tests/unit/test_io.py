@@ -52,7 +52,6 @@ def test_atomic_torch_save_round_trip(tmp_path: Path) -> None:
     assert os.listdir(target.parent) == ["obj.pt"]  # no temp file left behind
 
 
-
 def test_failed_overwrite_keeps_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "teacher.pt"
     atomic_torch_save({"w": torch.ones(2)}, target)
@@ -62,7 +61,6 @@ def test_failed_overwrite_keeps_old_file(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(target)["w"], torch.ones(2))
     assert os.listdir(tmp_path) == ["teacher.pt"]
-
 
 
 # --- safe loading -------------------------------------------------------------------------------------------
@@ -130,7 +128,6 @@ def test_safetensors_round_trip(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == ["w.safetensors"]
     with pytest.raises(TypeError, match="'n'"):
         save_safetensors({"n": 3}, tmp_path / "x.safetensors")  # type: ignore[dict-item]
-
 
 
 def test_safetensors_detection_does_not_depend_on_the_first_byte(tmp_path: Path) -> None:

@@ -35,6 +35,10 @@ from dino_scale.train import checkpoint
 log = logging.getLogger("dino_scale")
 
 
+STOP_REQUESTED = "stop_requested"
+"""The name of the preemption flag among an optimizer step's flags (see Backend.non_finite)."""
+
+
 @dataclass(frozen=True)
 class StepResult:
     """What one optimizer step did. `non_finite`: the quantities that went NaN / inf (the same on every rank);
@@ -121,6 +125,8 @@ class Backend(ABC):
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    stop_requested: bool = False
+    """Whether a preemption signal reached any rank by the last optimizer step (set by `non_finite`)."""
 
     def __init__(self, cfg: TrainConfig, batch: BatchPlan) -> None:
         self.cfg = cfg
@@ -181,7 +187,11 @@ class Backend(ABC):
 
     def non_finite(self, flags: dict[str, torch.Tensor]) -> list[str]:
         """Names of the quantities that went NaN / inf on any process (`flags`: name -> 0-dim bool tensor). One
-        collective and one host read; every rank gets the same list, so all of them act the same."""
+        collective and one host read; every rank gets the same list, so all of them act the same.
+
+        A flag named STOP_REQUESTED (a preemption signal, dino_scale.train.preemption) rides along in the same
+        collective: it is no non-finite quantity, and sets `stop_requested` instead (True on every rank when any
+        rank asked)."""
         if self.skips_non_finite_steps:
             flags = {name: flag for name, flag in flags.items() if name != "gradient_norm"}
         if not flags:
@@ -189,7 +199,9 @@ class Backend(ABC):
         vector = torch.stack([flag.to(self.device, torch.float32) for flag in flags.values()])
         if self.distributed:
             dist.all_reduce(vector, op=dist.ReduceOp.MAX)
-        return [name for name, value in zip(flags, vector.tolist(), strict=True) if value]
+        raised = [name for name, value in zip(flags, vector.tolist(), strict=True) if value]
+        self.stop_requested = STOP_REQUESTED in raised
+        return [name for name in raised if name != STOP_REQUESTED]
 
     @abstractmethod
     def student_weight_groups(self) -> Iterator[list[tuple[str, torch.Tensor]]]:

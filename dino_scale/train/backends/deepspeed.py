@@ -350,9 +350,7 @@ class DeepSpeedBackend(Backend):
         for block in weight_blocks(self.student):
             if self._low_precision_weights():
                 # fp32 master weights live in the optimizer's partitions (a collective per tensor).
-                yield [
-                    (name, p.detach() if not p.requires_grad else safe_get_full_fp32_param(p)) for name, p in block
-                ]
+                yield [(name, p.detach() if not p.requires_grad else safe_get_full_fp32_param(p)) for name, p in block]
             elif self.zero_stage == 3:
                 with self.deepspeed.zero.GatheredParameters([p for _, p in block], modifier_rank=None):
                     yield [(name, p.detach()) for name, p in block]

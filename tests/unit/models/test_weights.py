@@ -41,7 +41,6 @@ def images(size: int = 32) -> torch.Tensor:
     return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(123))
 
 
-
 def dino_head_params() -> dict[str, torch.Tensor]:
     """Key layout of the official DINOHead (3-layer MLP + weight-normed last layer)."""
     return {
@@ -60,7 +59,6 @@ class Wrapper(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Sequential(nn.Linear(EMBED, 32), nn.GELU(), nn.Linear(32, 16))
-
 
 
 # --- backbone extraction ------------------------------------------------------------------------------------

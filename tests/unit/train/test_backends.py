@@ -51,9 +51,7 @@ def test_global_batch_that_the_world_size_cannot_make_is_refused_before_starting
 
 
 @pytest.mark.parametrize("backend", ["ddp", "fsdp", "deepspeed"])
-def test_distributed_backend_without_launcher_says_how_to_launch(
-    monkeypatch: pytest.MonkeyPatch, backend: str
-) -> None:
+def test_distributed_backend_without_launcher_says_how_to_launch(monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
     set_env(monkeypatch)
     with pytest.raises(Unavailable, match=f"backend={backend} needs a launcher environment.*torchrun"):
         make_backend(load_config("tiny-test.json", [f"backend={backend}"]))

@@ -59,9 +59,7 @@ def test_save_checkpoint_round_trip(tmp_path: Path, umask_022: None) -> None:
     # The manifest beside it records the file's size and sha256; the files get the usual modes.
     manifest = json.loads((tmp_path / "checkpoints" / "step_00000123.pt.manifest.json").read_text())
     assert manifest["format"] == layout.MANIFEST_FORMAT and manifest["step"] == 123
-    assert manifest["files"] == {
-        "step_00000123.pt": {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
-    }
+    assert manifest["files"] == {"step_00000123.pt": {"bytes": path.stat().st_size, "sha256": file_sha256(path)}}
     for name in ckpt_files(tmp_path):
         assert stat.S_IMODE((tmp_path / "checkpoints" / name).stat().st_mode) == 0o644, name
     assert verify(path) == Verdict(None, True)
@@ -185,9 +183,13 @@ def test_rotation_deletes_nothing_when_the_new_checkpoint_does_not_look_intact(
         save_checkpoint(tmp_path, step, {"w": torch.ones(1)}, keep_last=1)
     real = checkpoint.digest_files
     # A manifest that does not match the file on disk (as if the disk had returned other bytes).
-    monkeypatch.setattr(checkpoint, "digest_files", lambda root, names, fsync=False: {
-        name: {**entry, "bytes": entry["bytes"] + 1} for name, entry in real(root, names).items()
-    })
+    monkeypatch.setattr(
+        checkpoint,
+        "digest_files",
+        lambda root, names, fsync=False: {
+            name: {**entry, "bytes": entry["bytes"] + 1} for name, entry in real(root, names).items()
+        },
+    )
     save_checkpoint(tmp_path, 3, {"w": torch.ones(1)}, keep_last=1)
     assert ckpt_files(tmp_path) == with_manifests("step_00000002.pt", "step_00000003.pt")
 
@@ -312,8 +314,11 @@ def test_resume_candidates_start_at_latest_json_and_go_back(tmp_path: Path) -> N
     assert [p.name for p in resume_candidates(tmp_path)] == ["step_00000005.pt", "step_00000004.pt", "step_00000002.pt"]
     for outside in ("/etc/passwd", "../../step_00000009.pt", "step_00000006.pt/../../x"):
         (ckpt_dir / "latest.json").write_text(json.dumps({"step": 9, "file": outside}))
-        assert [p.name for p in resume_candidates(tmp_path)] == ["step_00000006.pt", "step_00000004.pt",
-                                                                 "step_00000002.pt"]
+        assert [p.name for p in resume_candidates(tmp_path)] == [
+            "step_00000006.pt",
+            "step_00000004.pt",
+            "step_00000002.pt",
+        ]
 
 
 def test_resume_falls_back_to_the_newest_usable_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
