@@ -114,8 +114,9 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    train_shards: str = "shards/sample/train"
-    """WebDataset shards: a directory, a glob or a brace pattern (`data/train-{000000..000127}.tar`)."""
+    train_shards: str | None = "shards/sample/train"
+    """WebDataset shards: a directory, a glob or a brace pattern (`data/train-{000000..000127}.tar`); null when the run
+    trains on data.train_images."""
     train_images: str | None = None
     """Train straight from a folder of images (searched recursively, as `dino-scale index --images`; an ImageFolder
     tree works as it is) instead of shards, with the same exact resume and unreadable-sample handling. Set this or
@@ -138,8 +139,12 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_scales(self) -> DataConfig:
-        if self.train_images is not None and "train_shards" in self.model_fields_set:
-            raise ValueError("set data.train_shards or data.train_images, not both")
+        if self.train_images is not None:
+            if "train_shards" in self.model_fields_set and self.train_shards is not None:
+                raise ValueError("set data.train_shards or data.train_images, not both")
+            object.__setattr__(self, "train_shards", None)  # the default shards are not this run's data
+        elif self.train_shards is None:
+            raise ValueError("set data.train_shards (WebDataset shards) or data.train_images (a folder of images)")
         for name in ("global_crops_scale", "local_crops_scale"):
             low, high = getattr(self, name)
             if not 0.0 < low <= high <= 1.0:
@@ -616,6 +621,22 @@ def _resolve_recipe_paths(raw: dict[str, Any], recipe_dir: Path) -> None:
                 break
 
 
+_DATA_SOURCES = ("train_shards", "train_images")
+
+
+def _drop_replaced_data_source(raw: dict[str, Any], overrides: list[str]) -> None:
+    """`--set data.train_images=DIR` on a recipe that names shards trains on DIR (and `--set data.train_shards=...`
+    on one that names an image folder trains on the shards): the recipe's other data source is dropped. Both named in
+    one recipe file, or both with --set, stay an error."""
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return
+    given = {item.split("=", 1)[0].strip().removeprefix("data.") for item in overrides if "=" in item}
+    for key, other in (_DATA_SOURCES, _DATA_SOURCES[::-1]):
+        if key in given and other not in given:
+            data.pop(other, None)
+
+
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> TrainConfig:
     deep = _too_deep(raw, "")
     if deep is not None:
@@ -654,6 +675,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
             f"config {resolved} must hold a JSON object at the top level, got {type(raw).__name__} {_short(raw, 40)}"
         )
     _resolve_recipe_paths(raw, resolved.parent)
+    _drop_replaced_data_source(raw, overrides)
     try:
         raw = apply_overrides(raw, overrides)
     except ConfigError as error:

@@ -40,21 +40,19 @@ def available_cores() -> int:
 def set_threads(requested: int | None, workers: int = 0, processes: int = 1) -> int:
     """Set this process's intra-op threads (torch.set_num_threads) and return the number set.
 
-    ``requested`` wins when given. Otherwise the cores are shared out so that nothing oversubscribes them: the
+    ``requested`` wins when given; then an OMP_NUM_THREADS in the environment (which torch has already applied: the
+    user's explicit choice stays). Otherwise the cores are shared out so that nothing oversubscribes them: the
     ``processes`` training processes on this machine each get ``cores / processes`` cores, from which their
-    ``workers`` DataLoader workers take one each (every worker runs one thread, see :func:`one_thread_worker`), and
+    ``workers`` DataLoader workers take one each (torch runs every DataLoader worker on one thread), and
     the rest (at least one) go to the process's own intra-op threads. Why: on a 2-core machine under load, a training
     process with torch's default of 2 intra-op threads plus 2 DataLoader workers ran 6-17 img/s, with one thread each
     50-105 img/s (identical losses); a plain timm forward ran 9.9 against 353 img/s.
     """
+    if requested is None and os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+        requested = max(int(os.environ["OMP_NUM_THREADS"]), 1)
     if requested is None:
         share = max(available_cores() // max(processes, 1), 1)
         requested = max(share - max(workers, 0), 1)
     torch.set_num_threads(requested)
     return requested
 
-
-def one_thread_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: a data worker decodes and augments one sample at a time on one thread; more
-    threads per worker only contend with the training process and the other workers for the same cores."""
-    torch.set_num_threads(1)

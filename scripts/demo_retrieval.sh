@@ -9,8 +9,8 @@ py="${PYTHON:-.venv/bin/python}"
 work="$run_dir/retrieval"
 dino() { "$py" -m dino_scale "$@"; }
 
-# The demo model trains at 64 px; the export's default would be 224.
-dino export --format onnx --checkpoint "$run_dir" --image-size 64 --outputs cls,patch_gem --out "$work/demo.onnx"
+# The export runs at the size the model was trained at (64 px here), and says so.
+dino export --format onnx --checkpoint "$run_dir" --outputs cls,patch_gem --out "$work/demo.onnx"
 dino index --shards shards/sample/train --model "$work/demo.onnx" --out "$work/index" --descriptor cls+gem
 "$py" - "$work/query.jpg" <<'PY'
 import io, random, sys, tarfile

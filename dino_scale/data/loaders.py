@@ -43,7 +43,7 @@ from dino_scale.data.decode import decode_image
 from dino_scale.data.folders import is_folder_url
 from dino_scale.data.items import ImageItem
 from dino_scale.data.shards import iter_raw_samples, sample_image_bytes
-from dino_scale.devices import available_cores, one_thread_worker
+from dino_scale.devices import available_cores
 from dino_scale.errors import InputError
 from dino_scale.progress import Progress
 
@@ -290,7 +290,6 @@ class _Loader:
             self.dataset,
             batch_size=None,
             num_workers=self.num_workers,
-            worker_init_fn=one_thread_worker,
             collate_fn=identity_collate,
             pin_memory=self.pin_memory,
             generator=generator,
@@ -456,7 +455,6 @@ def iterate_crops(
         _ImageDataset(items, image_size, hash_files),
         batch_size=batch_size,
         num_workers=workers,
-        worker_init_fn=one_thread_worker,
         collate_fn=identity_collate,
         prefetch_factor=4 if workers else None,
         generator=torch.Generator().manual_seed(0),  # the workers' base seed must not come from the global RNG

@@ -38,6 +38,9 @@ class PreemptionSignals:
         if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
             for signum in STOP_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
+                # The signal may land on any thread, e.g. one of gloo's in the middle of a socket read: restart such
+                # system calls instead of failing them with EINTR (Python's own handling happens in the main thread).
+                signal.siginterrupt(signum, False)
         return self
 
     def __exit__(self, *_: object) -> None:

@@ -93,7 +93,8 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step_and_the_job_resumes_ex
     ranks = launch(interrupted)
     signal_when(ranks, interrupted, 3, signal.SIGTERM, [1])  # only rank 1 hears it
     outcome = wait_all(ranks)
-    assert [status for status, _ in outcome] == [PREEMPTED_EXIT_STATUS] * 2, outcome[0][1][-2000:]
+    logs = "\n".join(f"--- rank {rank} ---\n{stderr[-3000:]}" for rank, (_, stderr) in enumerate(outcome))
+    assert [status for status, _ in outcome] == [PREEMPTED_EXIT_STATUS] * 2, logs
     stopped_at = checkpoint_step(interrupted)
     assert 3 <= stopped_at < STEPS
     for _, stderr in outcome:  # both ranks name the same checkpoint

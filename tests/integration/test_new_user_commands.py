@@ -265,8 +265,9 @@ def test_json_dash_prints_the_json_alone_on_standard_output(
 
 
 def test_threads_sets_the_intra_op_threads(
-    artifacts: dict[str, Path], images: Path, tmp_path: Path, threads: None
+    artifacts: dict[str, Path], images: Path, tmp_path: Path, threads: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the user's own setting would win (see devices.set_threads)
     torch.set_num_threads(2)
     args = ["--train", images, "--test", images, "-k", "3", "--workers", "0"]
     assert invoke("eval", "knn", "--model", artifacts["teacher"], *args, "--threads", "1").exit_code == 0

@@ -172,12 +172,16 @@ def test_train_command_passes_device_threads_and_overwrite(monkeypatch: pytest.M
 def test_threads_share_the_cores_among_processes_and_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     before = torch.get_num_threads()
     monkeypatch.setattr(devices, "available_cores", lambda: 16)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     try:
         assert devices.set_threads(None, workers=2) == 14
         assert torch.get_num_threads() == 14
         assert devices.set_threads(None, workers=2, processes=4) == 2  # 4 cores each, 2 of them for the workers
         assert devices.set_threads(None, workers=8, processes=4) == 1  # never below one
         assert devices.set_threads(5, workers=8) == 5  # asked for: as asked
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert devices.set_threads(None, workers=2) == 3  # the user's environment is an explicit choice too
+        assert devices.set_threads(6, workers=2) == 6
     finally:
         torch.set_num_threads(before)
 
@@ -207,3 +211,13 @@ def test_resume_logs_changed_hyperparameters(tmp_path: Path, caplog: pytest.LogC
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "optim.lr: 0.0005 -> 0.001" in warnings[0]
     assert any("log_every: 1 -> 5" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+
+
+def test_setting_one_data_source_replaces_the_recipes_other() -> None:
+    images = load_config("tiny-test.json", ["data.train_images=photos/"])
+    assert (images.data.train_images, images.data.train_shards) == ("photos/", None)
+    assert load_config("tiny-test.json", ["data.train_shards=mine"]).data.train_images is None
+    with pytest.raises(ConfigError, match="not both"):
+        load_config("tiny-test.json", ["data.train_images=photos/", "data.train_shards=mine"])
+    with pytest.raises(ConfigError, match=r"set data.train_shards .* or data.train_images"):
+        load_config("tiny-test.json", ["data.train_shards=null"])
