@@ -55,4 +55,3 @@ def set_threads(requested: int | None, workers: int = 0, processes: int = 1) -> 
         requested = max(share - max(workers, 0), 1)
     torch.set_num_threads(requested)
     return requested
-
