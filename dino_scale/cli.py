@@ -218,7 +218,7 @@ def bench_command(json_out: str | None, threads: int | None, **kwargs: object) -
 @click.option("--keep", default=0.6, show_default=True, type=float, help="Attention mass each head's mask keeps.")
 @click.option("--which", type=click.Choice(["teacher", "student"]), default="teacher", show_default=True)
 @click.option("--arch", help="timm model name; needed only where the checkpoint does not record it.")
-@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads [default: the cores here].")
+@_threads_option
 def attention_command(threads: int | None, **kwargs: object) -> None:
     """Last-layer CLS attention of a ViT: per image one PNG (the input, each head's map in a colour map, the heads'
     60%-mass masks as outlines), and attention.json."""

@@ -28,8 +28,6 @@ from dino_scale.io import atomic_write
 
 log = logging.getLogger(__name__)
 
-CURVES_FILE = "curves.png"
-
 
 @dataclass(frozen=True)
 class Panel:
@@ -178,6 +176,6 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     first, last = records[0]["step"], records[-1]["step"]
     monitor = _monitor(config) if config else None  # no config: the run's thresholds are unknown
     figure = build_figure(records, out_dim, monitor, f"{name}: steps {first}-{last} ({len(records)} records)")
-    out = Path(out) if out is not None else run_dir / CURVES_FILE
+    out = Path(out) if out is not None else run_dir / layout.CURVES_FILE
     atomic_write(out, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
     return out

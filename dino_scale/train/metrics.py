@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from dino_scale import run_dir as layout
 from dino_scale.progress import Progress
 from dino_scale.train.backends import Backend
 from dino_scale.train.loss import LossStats
@@ -31,10 +32,6 @@ def setup_logging(main_process: bool) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-
-
-TENSORBOARD_DIR = "tensorboard"
-"""The run-directory subfolder of the TensorBoard event files (`tensorboard --logdir runs/` finds every run's)."""
 
 
 class TensorBoardScalars:
@@ -156,7 +153,8 @@ class StepMetrics:
         self.backend, self.schedules, self.global_batch = backend, schedules, global_batch
         self.last_step, self.log_every = last_step, log_every
         # Only the main process writes: metrics.jsonl and, beside it, the TensorBoard event files.
-        self.writer = MetricsWriter(path, path.parent / TENSORBOARD_DIR, first_step) if main else MetricsWriter(None)
+        tensorboard = path.parent / layout.TENSORBOARD_SUBDIR
+        self.writer = MetricsWriter(path, tensorboard, first_step) if main else MetricsWriter(None)
         self.progress = Progress(last_step, "step", initial=first_step, enabled=main)
         # float64: the sum of micro-batch losses / accumulation steps, as a Python float sum would give it.
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=backend.device)

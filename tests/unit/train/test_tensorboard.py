@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from support import SAMPLE_TRAIN, SAMPLE_VAL, brief_run
 
-from dino_scale.train.metrics import TENSORBOARD_DIR, MetricsWriter
+from dino_scale.run_dir import TENSORBOARD_SUBDIR as TENSORBOARD_DIR
+from dino_scale.train.metrics import MetricsWriter
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
