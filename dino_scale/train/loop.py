@@ -137,11 +137,13 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
 
 
 def local_processes() -> int:
-    """Training processes on this machine (torchrun and the deepspeed launcher say; else one)."""
-    try:
-        return max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
-    except ValueError:
-        return 1
+    """Training processes on this machine: torchrun says so in LOCAL_WORLD_SIZE, the deepspeed launcher in
+    LOCAL_SIZE; else one."""
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        value = os.environ.get(key, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
 
 
 def stop_preempted(

@@ -221,3 +221,15 @@ def test_setting_one_data_source_replaces_the_recipes_other() -> None:
         load_config("tiny-test.json", ["data.train_images=photos/", "data.train_shards=mine"])
     with pytest.raises(ConfigError, match=r"set data.train_shards .* or data.train_images"):
         load_config("tiny-test.json", ["data.train_shards=null"])
+
+
+def test_the_processes_sharing_the_machine_come_from_the_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dino_scale.train.loop import local_processes
+
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    assert local_processes() == 1
+    monkeypatch.setenv("LOCAL_SIZE", "4")  # the deepspeed launcher
+    assert local_processes() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun
+    assert local_processes() == 8
