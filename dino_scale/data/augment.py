@@ -12,7 +12,9 @@ Per image the pipeline produces 2 global crops and ``n_local`` local crops, each
 * ImageNet normalisation (done batched in :meth:`MultiCropAugmentation.to_model_input`).
 
 The work is split in two stages: ``__call__`` (per sample, in DataLoader workers) returns uint8 crops, and
-``to_model_input`` (per batch, on the training device) converts to normalised float32.
+``to_model_input`` (per batch, on the training device) converts to normalised float32. Alternatively the workers
+only draw the parameters (``sample_params``) and ``to_model_input`` renders the whole batch on the training device
+(dino_scale.data.device_augment, the recipe's ``data.augment_on``).
 
 How this differs from the reference PIL implementation (official ``DataAugmentationDINO``), and why it is
 ~2.5x faster on one core (numbers in ``benchmarks/RESULTS.md``):
@@ -34,6 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import PIL.Image
@@ -67,8 +70,10 @@ _U_BLUR = _U_GRAY + 1  # apply?, sigma
 _U_SOLARIZE = _U_BLUR + 2
 _DRAWS_PER_VIEW = _U_SOLARIZE + 1
 
-# Colour-op ids, in ColorJitter's order, and their factor ranges.
-_BRIGHT, _CONTR, _SAT, _HUE_OP = 0, 1, 2, 3
+# Colour-op ids, in ColorJitter's order, and their factor ranges. The op ids, HUE_CHANNEL_OFFSETS, blur_weights,
+# reflect_shift_matrices, MAX_BLUR_RADIUS and MATMUL_BLUR_MAX_SIZE are public for device_augment.py's batched renderer,
+# which must compute exactly what this module computes.
+BRIGHT, CONTR, SAT, HUE_OP = 0, 1, 2, 3
 _JITTER_RANGES = (
     (1 - _BRIGHTNESS, 1 + _BRIGHTNESS),
     (1 - _CONTRAST, 1 + _CONTRAST),
@@ -158,7 +163,7 @@ def _sample_view(u: Sequence[float], height: int, width: int, spec: _ViewSpec) -
 
 
 # n_c / 6 for c = r, g, b: where each channel sits on the colour hexagon relative to the hue.
-_HUE_CHANNEL_OFFSETS = torch.tensor([5.0 / 6.0, 3.0 / 6.0, 1.0 / 6.0]).view(3, 1, 1)
+HUE_CHANNEL_OFFSETS = torch.tensor([5.0 / 6.0, 3.0 / 6.0, 1.0 / 6.0]).view(3, 1, 1)
 
 
 def _adjust_hue(img: torch.Tensor, hue_factor: float) -> torch.Tensor:
@@ -185,13 +190,13 @@ def _adjust_hue(img: torch.Tensor, hue_factor: float) -> torch.Tensor:
     ).mul_(inv6)
     # h >= -1/6 and |hue_factor| <= 0.5, so the +1 keeps frac()'s argument positive: frac() == mod 1.
     h.add_(1.0 + hue_factor)
-    t = h.unsqueeze(0) + _HUE_CHANNEL_OFFSETS
+    t = h.unsqueeze(0) + HUE_CHANNEL_OFFSETS
     t.frac_().sub_(1.0 / 3.0).abs_().clamp_(1.0 / 6.0, 1.0 / 3.0)
     # min + C * (6 * clamp(|t - 1/3|, 1/6, 1/3) - 1) == (min - C) + 6C * clamp(...)
     return torch.addcmul((minc - chroma).unsqueeze(0), chroma6.unsqueeze(0), t)
 
 
-def _blur_weights(sigmas: Sequence[float], radius: int) -> torch.Tensor:
+def blur_weights(sigmas: Sequence[float], radius: int) -> torch.Tensor:
     """[N, 2 * radius + 1] float32 1-D Gaussian kernels, kernel i truncated at ceil(3 sigma_i), sum 1."""
     rows = []
     for sigma in sigmas:  # a few dozen exp() calls: cheaper in Python than a dozen tiny tensor ops
@@ -205,7 +210,7 @@ def _blur_weights(sigmas: Sequence[float], radius: int) -> torch.Tensor:
 _SHIFT_CACHE: dict[tuple[int, int], torch.Tensor] = {}
 
 
-def _reflect_shift_matrices(size: int, radius: int) -> torch.Tensor:
+def reflect_shift_matrices(size: int, radius: int) -> torch.Tensor:
     """[2r+1, size*size] stack of 0/1 matrices; row block t maps a signal to its reflect-padded shift by
     t - r, so a 1-D blur with taps w is the matrix ``w @ stack`` (reflect borders folded in)."""
     key = (size, radius)
@@ -221,10 +226,10 @@ def _reflect_shift_matrices(size: int, radius: int) -> torch.Tensor:
 
 
 # Largest kernel radius: ceil(3 * max sigma).
-_MAX_BLUR_RADIUS = math.ceil(3 * _BLUR_SIGMA[1])
+MAX_BLUR_RADIUS = math.ceil(3 * _BLUR_SIGMA[1])
 # Up to this side length the blur is done as two dense matrix products (few large ops, ~2x faster than
 # shifted adds for 96 px crops); above it the O(size^3) matmul loses to O(size^2 * taps) shifted adds.
-_MATMUL_BLUR_MAX_SIZE = 128
+MATMUL_BLUR_MAX_SIZE = 128
 
 
 def _gaussian_blur(img: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
@@ -240,10 +245,10 @@ def _gaussian_blur(img: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
         raise ValueError(f"square crops expected, got {size}x{width}")
     if any(not 0 < s <= _BLUR_SIGMA[1] for s in sigmas):
         raise ValueError(f"sigma must be in (0, {_BLUR_SIGMA[1]}], got {sigmas}")
-    radius = min(_MAX_BLUR_RADIUS, size - 1)  # reflect padding needs radius < size
-    weights = _blur_weights(sigmas, radius)
-    if size <= _MATMUL_BLUR_MAX_SIZE:
-        mat = (weights @ _reflect_shift_matrices(size, radius)).view(n, 1, size, size)
+    radius = min(MAX_BLUR_RADIUS, size - 1)  # reflect padding needs radius < size
+    weights = blur_weights(sigmas, radius)
+    if size <= MATMUL_BLUR_MAX_SIZE:
+        mat = (weights @ reflect_shift_matrices(size, radius)).view(n, 1, size, size)
         return torch.matmul(torch.matmul(mat, img), mat.transpose(-1, -2))
     out = []
     for i in range(n):
@@ -264,11 +269,11 @@ def _apply_color(img: torch.Tensor, params: ViewParams) -> torch.Tensor:
     """Colour jitter then grayscale on a float [3, H, W] image in [0, 1], in DINO's order."""
     if params.jitter is not None:
         for op, factor in params.jitter:
-            if op == _BRIGHT:
+            if op == BRIGHT:
                 img = tvf.adjust_brightness_image(img, factor)
-            elif op == _CONTR:
+            elif op == CONTR:
                 img = tvf.adjust_contrast_image(img, factor)
-            elif op == _SAT:
+            elif op == SAT:
                 img = tvf.adjust_saturation_image(img, factor)
             else:
                 img = _adjust_hue(img, factor)
@@ -327,7 +332,17 @@ def _render_views(src: torch.Tensor, params: Sequence[ViewParams]) -> list[torch
     return views
 
 
-def _pil_to_channels_last(image: PIL.Image.Image) -> torch.Tensor:
+class RenderableBatch(Protocol):
+    """A training batch as ``to_model_input`` takes it (dino_scale.data.loaders.TrainBatch): rendered ``views``
+    (uint8 ``[B, 3, S, S]`` per view index), or, rendered on the device, ``images`` (uint8 ``[3, H, W]`` per sample)
+    and their ``params`` (``sample_params`` per sample) with ``views`` empty."""
+
+    views: list[torch.Tensor]
+    images: list[torch.Tensor] | None
+    params: list[list[ViewParams]] | None
+
+
+def pil_to_channels_last(image: PIL.Image.Image) -> torch.Tensor:
     """RGB PIL image -> uint8 [1, 3, H, W] tensor viewing HWC memory (i.e. channels-last)."""
     if image.mode != "RGB":
         raise ValueError(f"expected an RGB image, got mode {image.mode!r}")
@@ -401,7 +416,7 @@ class MultiCropAugmentation:
 
     def apply(self, image: PIL.Image.Image, params: Sequence[ViewParams]) -> list[torch.Tensor]:
         """Render the views described by ``params`` from ``image``; deterministic. Returns uint8 CHW."""
-        src = _pil_to_channels_last(image)
+        src = pil_to_channels_last(image)
         by_size: dict[int, list[int]] = {}
         for k, p in enumerate(params):
             by_size.setdefault(p.size, []).append(k)
@@ -418,13 +433,28 @@ class MultiCropAugmentation:
         """
         return self.apply(image, self.sample_params(image.height, image.width, generator))
 
-    def to_model_input(self, views: list[torch.Tensor], device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    def to_model_input(
+        self, views: Sequence[torch.Tensor] | RenderableBatch, device: torch.device | str = "cpu"
+    ) -> list[torch.Tensor]:
         """Batched stage: uint8 [B, 3, H, W] per view -> float32 ``(x / 255 - mean) / std`` on ``device``.
 
+        ``views``: the per-view batches, or a training batch (:class:`RenderableBatch`): its ``views``, or, when it
+        carries ``images`` and ``params`` instead, the views rendered from them on ``device``
+        (dino_scale.data.device_augment.render_batch; bit-identical to ``apply`` on CPU).
         The uint8 batch is moved first (4x fewer bytes over PCIe), then converted on the device.
         Deterministic. Float inputs are accepted too and are assumed to be in [0, 255].
         """
         device = torch.device(device)
+        if not isinstance(views, (Sequence, torch.Tensor)):  # a training batch
+            if views.images is not None:
+                if views.params is None:
+                    raise ValueError("a batch with images needs their view parameters")
+                # Imported here: device_augment builds on this module's kernels (imports it at load time).
+                from dino_scale.data.device_augment import render_batch
+
+                views = render_batch(views.images, views.params, device)
+            else:
+                views = views.views
         if device not in self._affine:
             self._affine[device] = normalization_constants(self.mean, self.std, device)
         out = []

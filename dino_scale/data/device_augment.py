@@ -5,6 +5,9 @@ that :meth:`MultiCropAugmentation.sample_params` draws per sample. The parameter
 per-sample path (:meth:`MultiCropAugmentation.apply`) consumes, so per-sample seeding and exact resume are
 unchanged; only where the pixels are computed moves. The output, one uint8 ``[B, 3, S, S]`` batch per view index,
 is what the loader's ``torch.stack`` of per-sample views gives and goes to ``to_model_input`` unchanged.
+In training (recipe key ``data.augment_on``: "device", or "auto" on CUDA) the loader's workers only decode and
+draw the parameters (``make_train_loader(render_on_device=True)``), and ``MultiCropAugmentation.to_model_input``
+calls :func:`render_batch` on the batch's images and parameters on the training device.
 
 What is computed, op by op, and how it relates to ``augment.py`` (whose module docstring defines the semantics):
 
@@ -18,8 +21,8 @@ What is computed, op by op, and how it relates to ``augment.py`` (whose module d
   colour jitter (per-crop factors and per-crop op order: for each of the 4 order positions and each of the 4 ops,
   the crops that apply that op at that position are processed together), grayscale, Gaussian blur (per-crop
   sigma), one rounding to uint8, solarize. The formulas mirror augment.py / torchvision's kernels op by op
-  (same expressions, same float32 constants, same blur weights from ``augment._blur_weights`` and reflect
-  matrices from ``augment._reflect_shift_matrices``), so the float results agree to the last bit or ulp.
+  (same expressions, same float32 constants, same blur weights from ``augment.blur_weights`` and reflect
+  matrices from ``augment.reflect_shift_matrices``), so the float results agree to the last bit or ulp.
 * Measured on CPU (tests/unit/data/test_device_augment.py): bit-identical to ``apply``. torchvision's blend and
   the per-sample blur use ``add_(x, alpha=scalar)``, which PyTorch's CPU kernel evaluates as a fused multiply-add;
   the per-crop factor here goes through ``addcmul_`` with a tensor, which the CPU kernel fuses the same way
@@ -49,15 +52,15 @@ import torch.nn.functional as tnf
 from torchvision.transforms.v2 import functional as tvf
 
 from dino_scale.data.augment import (
-    _BRIGHT,
-    _CONTR,
-    _HUE_CHANNEL_OFFSETS,
-    _MATMUL_BLUR_MAX_SIZE,
-    _MAX_BLUR_RADIUS,
-    _SAT,
+    BRIGHT,
+    CONTR,
+    HUE_CHANNEL_OFFSETS,
+    MATMUL_BLUR_MAX_SIZE,
+    MAX_BLUR_RADIUS,
+    SAT,
     ViewParams,
-    _blur_weights,
-    _reflect_shift_matrices,
+    blur_weights,
+    reflect_shift_matrices,
 )
 
 _N_JITTER_OPS = 4
@@ -95,7 +98,7 @@ def render_batch(
     for img in images:
         if img.dtype != torch.uint8 or img.ndim != 3 or img.shape[0] != 3:
             raise ValueError(f"expected uint8 [3, H, W] images, got {img.dtype} {tuple(img.shape)}")
-        srcs.append(img.to(device).unsqueeze(0))
+        srcs.append(img.to(device, non_blocking=True).unsqueeze(0))  # asynchronous from pinned memory
 
     by_size: dict[int, list[int]] = {}
     for k in range(n_views):
@@ -229,11 +232,11 @@ def _color_op(x: torch.Tensor, op: int, factors: Sequence[float], device: torch.
     """One colour op with a per-row factor, the same expressions as torchvision's ``adjust_*_image`` kernels
     (brightness: ``x * f`` clamped; contrast / saturation: ``_blend(x, grey, f) = x * f + grey * (1 - f)``
     clamped, grey = the image mean / the per-pixel luma) and augment's ``_adjust_hue``."""
-    if op == _BRIGHT:
+    if op == BRIGHT:
         return x.mul(_column(factors, device)).clamp_(0.0, 1.0)
-    if op in (_CONTR, _SAT):
+    if op in (CONTR, SAT):
         grey = tvf.rgb_to_grayscale_image(x, num_output_channels=1)
-        if op == _CONTR:
+        if op == CONTR:
             grey = torch.mean(grey, dim=(-3, -2, -1), keepdim=True)
         # 1 - f in double then float32, as torchvision's alpha=(1.0 - ratio).
         alpha = _column([1.0 - f for f in factors], device)
@@ -256,7 +259,7 @@ def _adjust_hue(img: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         torch.where(g == maxc, (b - r).add_(chroma, alpha=2.0), (r - g).add_(chroma, alpha=4.0)),
     ).mul_(inv6)
     h.add_(shift)
-    t = h.unsqueeze(1) + _HUE_CHANNEL_OFFSETS.to(img.device).view(1, 3, 1, 1)
+    t = h.unsqueeze(1) + HUE_CHANNEL_OFFSETS.to(img.device).view(1, 3, 1, 1)
     t.frac_().sub_(1.0 / 3.0).abs_().clamp_(1.0 / 6.0, 1.0 / 3.0)
     return torch.addcmul((minc - chroma).unsqueeze(1), chroma6.unsqueeze(1), t)
 
@@ -264,25 +267,25 @@ def _adjust_hue(img: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 def _shift_matrices(device: torch.device, size: int, radius: int) -> torch.Tensor:
     key = (device, size, radius)
     if key not in _DEVICE_SHIFT_CACHE:
-        _DEVICE_SHIFT_CACHE[key] = _reflect_shift_matrices(size, radius).to(device)
+        _DEVICE_SHIFT_CACHE[key] = reflect_shift_matrices(size, radius).to(device)
     return _DEVICE_SHIFT_CACHE[key]
 
 
 def _blur(img: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
     """augment._gaussian_blur with every code path batched and on ``img``'s device.
 
-    Same kernels (``_blur_weights``), same reflect borders and the same two regimes: dense matmuls up to
-    ``_MATMUL_BLUR_MAX_SIZE`` (the identical computation), shifted tap-pair adds above it, here with a per-row
+    Same kernels (``blur_weights``), same reflect borders and the same two regimes: dense matmuls up to
+    ``MATMUL_BLUR_MAX_SIZE`` (the identical computation), shifted tap-pair adds above it, here with a per-row
     weight column instead of a loop over rows. Rows whose kernel is shorter than the batch's longest get zero
     taps at the end, which add exact zeros.
     """
     n, _, size, width = img.shape
     if size != width:
         raise ValueError(f"square crops expected, got {size}x{width}")
-    radius = min(_MAX_BLUR_RADIUS, size - 1)  # reflect padding needs radius < size
-    weights_cpu = _blur_weights(sigmas, radius)
+    radius = min(MAX_BLUR_RADIUS, size - 1)  # reflect padding needs radius < size
+    weights_cpu = blur_weights(sigmas, radius)
     weights = weights_cpu.to(img.device, non_blocking=True)
-    if size <= _MATMUL_BLUR_MAX_SIZE:
+    if size <= MATMUL_BLUR_MAX_SIZE:
         mat = (weights @ _shift_matrices(img.device, size, radius)).view(n, 1, size, size)
         return torch.matmul(torch.matmul(mat, img), mat.transpose(-1, -2))
     nonzero = (weights_cpu[:, radius:] > 0).any(0).nonzero()  # on the CPU copy: no device sync

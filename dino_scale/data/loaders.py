@@ -13,6 +13,9 @@ The training loader is built for exact resume and multi-rank training:
   samples without decoding them and still reproduce the uninterrupted run bit for bit.
 * Each sample's augmentation draws from its own ``torch.Generator`` seeded from a stable hash of
   ``(seed, epoch, key)``, so the views do not depend on which worker decoded the sample.
+* The views are rendered in the workers, or (``render_on_device``) the workers only decode the images and draw the
+  views' parameters from the same generators, and the training process renders the batch on its device
+  (``MultiCropAugmentation.to_model_input``); both give the same parameters, hence the same resume and seeding.
 * A shard found damaged while streaming (cut short, unreadable) is read no further: the samples before the damage
   are used, and the shard is named in ``TrainBatch.skipped_shards`` once per epoch by each worker that meets it.
 
@@ -37,7 +40,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from dino_scale.data.augment import eval_crop, normalize
+from dino_scale.data.augment import ViewParams, eval_crop, normalize, pil_to_channels_last
 from dino_scale.data.copies import strong_copy
 from dino_scale.data.decode import decode_image
 from dino_scale.data.folders import is_folder_url
@@ -58,6 +61,17 @@ class Augmentation(Protocol):
     """What the training loader needs from ``dino_scale.data.augment.MultiCropAugmentation``."""
 
     def __call__(self, image: Image.Image, generator: torch.Generator) -> list[torch.Tensor]: ...
+
+    def sample_params(self, height: int, width: int, generator: torch.Generator) -> list[ViewParams]:
+        """Only called with ``render_on_device``: what ``__call__`` draws from ``generator`` before rendering."""
+        ...
+
+
+def renders_on_device(augment_on: str, device: torch.device | str) -> bool:
+    """Whether the training process renders the views on ``device`` (recipe key ``data.augment_on``, validated by
+    the recipe): "device" yes, "workers" no, "auto" on CUDA only (on CPU the per-sample rendering in workers is the
+    faster one)."""
+    return augment_on == "device" or (augment_on == "auto" and torch.device(device).type == "cuda")
 
 
 def stable_seed(*parts: object) -> int:
@@ -91,7 +105,10 @@ def identity_collate(batch: Any) -> Any:
 class TrainBatch:
     """One training batch of multi-crop views.
 
-    ``views[k]`` is view ``k`` of every sample stacked to ``[B, 3, H, W]`` (in the augmentation's dtype).
+    ``views[k]`` is view ``k`` of every sample stacked to ``[B, 3, H, W]`` (in the augmentation's dtype). From a
+    loader with ``render_on_device``, ``views`` is empty and the batch holds instead ``images[i]``, sample i's decoded
+    image (uint8 ``[3, H_i, W_i]``, contiguous), and ``params[i]``, its views' parameters, for
+    ``MultiCropAugmentation.to_model_input`` to render on the training device.
     ``skipped`` lists the keys of corrupt samples dropped while assembling this batch; their slots hold extra,
     independently augmented copies of other samples of the batch, so a key may appear twice in ``keys``.
     ``skipped_shards`` lists the shards this batch's worker found damaged (and read no further) since its previous
@@ -103,10 +120,19 @@ class TrainBatch:
     keys: list[str]
     skipped: list[str] = field(default_factory=list)
     skipped_shards: list[str] = field(default_factory=list)
+    images: list[torch.Tensor] | None = None
+    params: list[list[ViewParams]] | None = None
 
     def pin_memory(self) -> TrainBatch:
         """Page-locked copy (called by ``DataLoader(pin_memory=True)``) for faster host-to-GPU transfer."""
-        return TrainBatch([v.pin_memory() for v in self.views], self.keys, self.skipped, self.skipped_shards)
+        return TrainBatch(
+            [v.pin_memory() for v in self.views],
+            self.keys,
+            self.skipped,
+            self.skipped_shards,
+            images=None if self.images is None else [image.pin_memory() for image in self.images],
+            params=self.params,
+        )
 
 
 class _DamagedShards:
@@ -152,6 +178,7 @@ class _TrainStream(IterableDataset):
         rank: int,
         world_size: int,
         shuffle_buffer: int,
+        render_on_device: bool = False,
     ) -> None:
         super().__init__()
         self.urls = urls
@@ -165,6 +192,7 @@ class _TrainStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.shuffle_buffer = max(shuffle_buffer, 1)
+        self.render_on_device = render_on_device
 
     def _raw_stream(self, worker: int, damaged: _DamagedShards) -> Iterator[tuple[dict[str, Any], int]]:
         """Endless shuffled stream of (raw sample, pass number) for one logical worker; the damaged shards it meets
@@ -204,18 +232,28 @@ class _TrainStream(IterableDataset):
                     + (f" (damaged: {bad})" if bad else "")
                 )
 
-    def _augment(self, image: Image.Image, key: str, pass_idx: int, fill: int | None = None) -> list[torch.Tensor]:
+    def _generator_for(self, key: str, pass_idx: int, fill: int | None = None) -> torch.Generator:
+        """The generator a sample's views are drawn from: per key, per pass, and per refill slot."""
         if fill is not None:
-            gen = _generator("augment-fill", self.seed, self.epoch, key, pass_idx, fill)
-        elif pass_idx == 0:
-            gen = _generator("augment", self.seed, self.epoch, key)
-        else:  # a repeated pass within the epoch must not replay the first pass's views
-            gen = _generator("augment", self.seed, self.epoch, key, pass_idx)
-        return self.augmentation(image, gen)
+            return _generator("augment-fill", self.seed, self.epoch, key, pass_idx, fill)
+        if pass_idx == 0:
+            return _generator("augment", self.seed, self.epoch, key)
+        # A repeated pass within the epoch must not replay the first pass's views.
+        return _generator("augment", self.seed, self.epoch, key, pass_idx)
+
+    def _augment(self, image: Image.Image, key: str, pass_idx: int, fill: int | None = None) -> Any:
+        """The sample's rendered views, or with ``render_on_device`` (its image as a contiguous uint8 CHW tensor,
+        the parameters of its views), drawn from the same generator."""
+        gen = self._generator_for(key, pass_idx, fill)
+        if not self.render_on_device:
+            return self.augmentation(image, gen)
+        params = self.augmentation.sample_params(image.height, image.width, gen)
+        # The CHW view of the HWC pixels the per-sample path renders from, made contiguous: sent to the main process.
+        return pil_to_channels_last(image)[0].contiguous(), params
 
     def _batch(self, stream: Iterator[tuple[dict[str, Any], int]]) -> TrainBatch:
         good: list[tuple[dict[str, Any], int]] = []
-        per_sample: list[list[torch.Tensor]] = []
+        per_sample: list[Any] = []  # rendered views, or (image, params) with render_on_device
         skipped: list[str] = []
 
         def try_add(sample: dict[str, Any], pass_idx: int) -> None:
@@ -244,8 +282,12 @@ class _TrainStream(IterableDataset):
             image = decode_image(sample_image_bytes(sample))
             per_sample.append(self._augment(image, sample["__key__"], pass_idx, fill=fill))
             good.append((sample, pass_idx))
+        keys = [s["__key__"] for s, _ in good]
+        if self.render_on_device:
+            images, params = (list(part) for part in zip(*per_sample, strict=True))
+            return TrainBatch(views=[], keys=keys, skipped=skipped, images=images, params=params)
         views = [torch.stack([s[k] for s in per_sample]) for k in range(len(per_sample[0]))]
-        return TrainBatch(views=views, keys=[s["__key__"] for s, _ in good], skipped=skipped)
+        return TrainBatch(views=views, keys=keys, skipped=skipped)
 
     def __iter__(self) -> Iterator[TrainBatch]:
         info = get_worker_info()
@@ -315,6 +357,7 @@ def make_train_loader(
     world_size: int = 1,
     shuffle_buffer: int = 1000,
     pin_memory: bool = False,
+    render_on_device: bool = False,
 ) -> Iterable[TrainBatch]:
     """Training batches for one epoch on one rank: exactly ``steps_per_epoch - start_batch`` of them.
 
@@ -330,6 +373,8 @@ def make_train_loader(
     ``TrainBatch.skipped``; their slots are refilled with extra views of the batch's other samples. A shard found
     damaged while streaming is read no further (the samples before the damage are used) and named in
     ``TrainBatch.skipped_shards`` once per epoch by each worker that meets it; a missing shard raises.
+    ``render_on_device``: the batches carry the decoded images and their views' parameters instead of the views
+    (see :class:`TrainBatch`), the same parameters as the rendered path's; ``augmentation.to_model_input`` renders them.
 
     The returned object supports ``len()`` and can be iterated again (each time from ``start_batch``).
     """
@@ -367,6 +412,7 @@ def make_train_loader(
         rank=rank,
         world_size=world_size,
         shuffle_buffer=shuffle_buffer,
+        render_on_device=render_on_device,
     )
     loader_seed = stable_seed("dataloader", seed, epoch, rank)
     return _Loader(dataset, num_workers, pin_memory, steps_per_epoch - start_batch, loader_seed)

@@ -24,7 +24,7 @@ from dino_scale import run_dir as layout
 from dino_scale.config import TrainConfig
 from dino_scale.data.augment import MultiCropAugmentation
 from dino_scale.data.folders import survey_image_folder
-from dino_scale.data.loaders import TrainBatch, make_train_loader, stable_seed
+from dino_scale.data.loaders import TrainBatch, make_train_loader, renders_on_device, stable_seed
 from dino_scale.data.shards import expand_shards, survey_shards
 from dino_scale.devices import set_threads
 from dino_scale.errors import PREEMPTED_EXIT_STATUS, ConfigError, Preempted, blame
@@ -90,7 +90,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
             batches = epoch_batches(cfg, plan, backend, augmentation, state)
             for micro_batch, batch in enumerate(batches, start=state.first_micro_batch):
                 state.count_skipped(batch.skipped, batch.skipped_shards)
-                views = augmentation.to_model_input(batch.views, backend.device)
+                views = augmentation.to_model_input(batch, backend.device)  # rendered here if the workers did not
                 last_micro_batch = (micro_batch + 1) % accumulation == 0
                 with backend.forward_context(sync_gradients=last_micro_batch):
                     teacher_output = teacher(views[:2])  # the teacher sees the two global crops only
@@ -247,6 +247,7 @@ def epoch_batches(
         world_size=backend.world_size,
         shuffle_buffer=cfg.data.shuffle_buffer,
         pin_memory=backend.device.type == "cuda",
+        render_on_device=renders_on_device(cfg.data.augment_on, backend.device),
     )
 
 

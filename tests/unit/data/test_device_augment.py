@@ -18,7 +18,7 @@ import torch
 from support import photo
 from torchvision.transforms import v2
 
-from dino_scale.data.augment import MultiCropAugmentation, ViewParams, _pil_to_channels_last
+from dino_scale.data.augment import MultiCropAugmentation, ViewParams, pil_to_channels_last
 from dino_scale.data.device_augment import render_batch
 
 G, L, N_LOCAL = 160, 32, 4
@@ -49,7 +49,7 @@ def _diffs(aug: MultiCropAugmentation, batches: list, uint8_resize: bool | None)
     """|render_batch - apply| over every pixel of every view of every batch."""
     diffs = []
     for pics, params in batches:
-        out = render_batch([_pil_to_channels_last(p)[0] for p in pics], params, uint8_resize=uint8_resize)
+        out = render_batch([pil_to_channels_last(p)[0] for p in pics], params, uint8_resize=uint8_resize)
         assert len(out) == aug.n_views
         for k, view in enumerate(out):
             size = G if k < 2 else L
@@ -104,8 +104,8 @@ def test_float_resize_path_close_to_per_sample_apply(pixel_case) -> None:
 def test_input_strides_and_model_input(pixel_case) -> None:
     aug, batches = pixel_case
     pics, params = batches[0]
-    hwc_backed = render_batch([_pil_to_channels_last(p)[0] for p in pics], params)
-    contiguous = render_batch([_pil_to_channels_last(p)[0].contiguous() for p in pics], params, device="cpu")
+    hwc_backed = render_batch([pil_to_channels_last(p)[0] for p in pics], params)
+    contiguous = render_batch([pil_to_channels_last(p)[0].contiguous() for p in pics], params, device="cpu")
     assert all(torch.equal(a, b) for a, b in zip(hwc_backed, contiguous, strict=True))
     per_sample = [aug.apply(p, ps) for p, ps in zip(pics, params, strict=True)]
     stacked = [torch.stack([s[k] for s in per_sample]) for k in range(aug.n_views)]  # as loaders._TrainStream._batch
@@ -117,7 +117,7 @@ def test_input_strides_and_model_input(pixel_case) -> None:
 def test_rejects_inconsistent_batches(pixel_case) -> None:
     _, batches = pixel_case
     pics, params = batches[0]
-    images = [_pil_to_channels_last(p)[0] for p in pics]
+    images = [pil_to_channels_last(p)[0] for p in pics]
     with pytest.raises(ValueError, match="one params list per image"):
         render_batch(images[:2], params[:3])
     with pytest.raises(ValueError, match="same number of views"):

@@ -233,3 +233,11 @@ def test_the_processes_sharing_the_machine_come_from_the_launcher(monkeypatch: p
     assert local_processes() == 4
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun
     assert local_processes() == 8
+
+
+def test_a_key_the_earlier_recipe_predates_is_no_change_at_its_default() -> None:
+    before = load_config("demo").to_dict()
+    del before["data"]["augment_on"], before["threads"]  # written before these keys existed
+    assert config_changes(before, load_config("demo").to_dict()) == config_changes(before, before)
+    changed = config_changes(before, load_config("demo", ["data.augment_on=device"]).to_dict())
+    assert changed.hyperparameters == ["data.augment_on: 'workers' -> 'device'"]
