@@ -60,7 +60,9 @@ from dino_scale.data.augment import (
     SAT,
     ViewParams,
     blur_weights,
+    blur_where,
     reflect_shift_matrices,
+    round_to_uint8,
 )
 
 _N_JITTER_OPS = 4
@@ -184,16 +186,8 @@ def _render_group(
             idx = _index(gray, device)
             g = tvf.rgb_to_grayscale_image(x.index_select(0, idx), num_output_channels=1)
             x.index_copy_(0, idx, g.expand(-1, 3, -1, -1))
-        blur = [k for k, p in enumerate(sub) if p.blur_sigma is not None]
-        if blur:
-            sigmas = [sub[k].blur_sigma for k in blur]
-            if len(blur) == len(sub):
-                x = _blur(x, sigmas)
-            else:
-                idx = _index(blur, device)
-                x.index_copy_(0, idx, _blur(x.index_select(0, idx), sigmas))
-        # The same single rounding as augment._render_views (round half up, via int32).
-        q = x.mul_(255.0).add_(0.5).clamp_(0.0, 255.0).to(torch.int32).to(torch.uint8)
+        x = blur_where(x, [p.blur_sigma for p in sub], _blur)
+        q = round_to_uint8(x)  # the same single rounding as the per-sample path
         if dense:
             batch = q
         else:
