@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import traceback
+from typing import Any
 
 import torch
 
@@ -55,3 +57,84 @@ def set_threads(requested: int | None, workers: int = 0, processes: int = 1) -> 
         requested = max(share - max(workers, 0), 1)
     torch.set_num_threads(requested)
     return requested
+
+
+# --- host synchronisation counting ---------------------------------------------------------------------------------
+
+# The aten ops that make the host wait for the device: reading a value (item(), bool(), float(), int(), an `if` on
+# a tensor all end in _local_scalar_dense) and ops whose output shape depends on the data.
+_HOST_READ_OPS = frozenset(
+    {
+        "aten::_local_scalar_dense",
+        "aten::nonzero",
+        "aten::masked_select",
+        "aten::unique_consecutive",
+        "aten::_unique2",
+        "aten::unique_dim",
+        "aten::repeat_interleave",
+        "aten::equal",
+        "aten::is_nonzero",
+    }
+)
+
+
+class HostReadCounter:
+    """Counts the host reads of tensor values (each one a device synchronisation on a GPU) while it is active, with
+    where each came from. CUDA-free, so the tests count a training step's synchronisations on a CPU:
+
+    - every aten op in _HOST_READ_OPS, seen by a TorchDispatchMode (below autograd, so backward is included);
+    - `Tensor.tolist()` and `Tensor.numpy()`, which read memory without dispatching (patched while active);
+    - copies to the CPU from another device.
+
+    On a CPU run every tensor is a host tensor, so only read *values* count: creating a tensor from Python numbers
+    (an H2D copy on a GPU, asynchronous from pinned memory) is not counted. `reads` lists (what, where) pairs, where
+    is the innermost dino_scale frame."""
+
+    def __init__(self) -> None:
+        self.reads: list[tuple[str, str]] = []
+        self._mode: Any = None
+        self._patched: dict[str, Any] = {}
+
+    def _record(self, what: str) -> None:
+        where = "?"
+        for frame in reversed(traceback.extract_stack()[:-2]):
+            if f"{os.sep}dino_scale{os.sep}" in frame.filename and "devices.py" not in frame.filename:
+                where = f"{frame.filename.rsplit(os.sep + 'dino_scale' + os.sep, 1)[-1]}:{frame.lineno} {frame.name}"
+                break
+        self.reads.append((what, where))
+
+    def __enter__(self) -> HostReadCounter:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+                name = func._schema.name
+                if name in _HOST_READ_OPS:
+                    counter._record(name)
+                elif name in ("aten::_to_copy", "aten::copy_"):
+                    source = args[1] if name == "aten::copy_" else args[0]
+                    target = args[0].device if name == "aten::copy_" else (kwargs or {}).get("device")
+                    if target is not None and torch.device(target).type == "cpu" and source.device.type != "cpu":
+                        counter._record(f"{name} to cpu")
+                return func(*args, **(kwargs or {}))
+
+        for method in ("tolist", "numpy"):
+            original = getattr(torch.Tensor, method)
+            self._patched[method] = original
+
+            def patched(tensor: torch.Tensor, *args: Any, _original: Any = original, _method: str = method) -> Any:
+                counter._record(f"Tensor.{_method}")
+                return _original(tensor, *args)
+
+            setattr(torch.Tensor, method, patched)
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)
+        for method, original in self._patched.items():
+            setattr(torch.Tensor, method, original)
+        self._patched.clear()

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as tnf
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as tvf
+
+from dino_scale.data.decode import MAX_DCT_REDUCTION, EncodedJpeg, dct_reduced_size
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -160,6 +162,47 @@ def _sample_view(u: Sequence[float], height: int, width: int, spec: _ViewSpec) -
         blur_sigma=sigma,
         solarize=u[_U_SOLARIZE] < spec.solarize_p,
     )
+
+
+def _scaled_edge(x: int, full: int, reduced: int) -> int:
+    """round(x * reduced / full), halves rounded up, in exact integer arithmetic (no float rounding at .5)."""
+    return (2 * x * reduced + full) // (2 * full)
+
+
+def reduced_view_params(
+    params: Sequence[ViewParams], full: tuple[int, int], reduced: tuple[int, int]
+) -> list[ViewParams]:
+    """The views drawn for an image of ``full`` = (height, width) pixels, with their crop boxes moved into the same
+    image decoded at ``reduced`` = (height, width) pixels (a JPEG decoded at a DCT reduction); all else unchanged.
+
+    Each axis is scaled by reduced / full (e.g. 600 / 1200, or 150 / 1199 for ceil(1199 / 8)); a box's two edges
+    on each axis, ``top`` and ``top + height`` (``left`` and ``left + width``), are scaled and rounded to the nearest
+    integer (halves up), and the new box spans the rounded edges. Edges in [0, full] land in [0, reduced], so the box
+    stays inside the image; equal ``full`` and ``reduced`` give the boxes unchanged.
+    """
+    (full_h, full_w), (red_h, red_w) = full, reduced
+    out = []
+    for p in params:
+        top, left, h, w = p.box
+        y0, y1 = _scaled_edge(top, full_h, red_h), _scaled_edge(top + h, full_h, red_h)
+        x0, x1 = _scaled_edge(left, full_w, red_w), _scaled_edge(left + w, full_w, red_w)
+        out.append(replace(p, box=(y0, x0, y1 - y0, x1 - x0)))
+    return out
+
+
+def choose_dct_reduction(params: Sequence[ViewParams], height: int, width: int) -> int:
+    """The largest k in 0..3 such that decoding the ``height`` x ``width`` image at DCT scale 1/2^k leaves every
+    view's crop box, moved there by :func:`reduced_view_params`, at least the view's output size in height and width:
+    no view is upsampled because of the reduction (a view whose full-size box is already smaller than its output
+    gets k = 0). Both sides must hold at least 2^k pixels, where libjpeg reduces by exactly 2^k."""
+    for k in range(MAX_DCT_REDUCTION, 0, -1):
+        if min(height, width) < (1 << k):
+            continue
+        reduced = (dct_reduced_size(height, k), dct_reduced_size(width, k))
+        moved = reduced_view_params(params, (height, width), reduced)
+        if all(p.box[2] >= p.size and p.box[3] >= p.size for p in moved):
+            return k
+    return 0
 
 
 # n_c / 6 for c = r, g, b: where each channel sits on the colour hexagon relative to the hue.
@@ -295,7 +338,7 @@ def blur_where(
     chosen = [sigma for sigma in sigmas if sigma is not None]
     if len(rows) == len(sigmas):
         return blur(x, chosen)
-    index = torch.tensor(rows, device=x.device)
+    index = torch.tensor(rows).to(x.device, non_blocking=True)  # a blocking copy would wait for the whole GPU
     x.index_copy_(0, index, blur(x.index_select(0, index), chosen))
     return x
 
@@ -350,11 +393,14 @@ def _render_views(src: torch.Tensor, params: Sequence[ViewParams]) -> list[torch
 class RenderableBatch(Protocol):
     """A training batch as ``to_model_input`` takes it (dino_scale.data.loaders.TrainBatch): rendered ``views``
     (uint8 ``[B, 3, S, S]`` per view index), or, rendered on the device, ``images`` (uint8 ``[3, H, W]`` per sample)
-    and their ``params`` (``sample_params`` per sample) with ``views`` empty."""
+    and their ``params`` (``sample_params`` per sample) with ``views`` empty. With device decoding, ``encoded[i]``
+    holds sample i's JPEG (``images[i]`` is then None) and ``keys[i]`` names it in errors."""
 
     views: list[torch.Tensor]
-    images: list[torch.Tensor] | None
+    keys: list[str]
+    images: list[torch.Tensor | None] | None
     params: list[list[ViewParams]] | None
+    encoded: list[EncodedJpeg | None] | None
 
 
 def pil_to_channels_last(image: PIL.Image.Image) -> torch.Tensor:
@@ -455,7 +501,8 @@ class MultiCropAugmentation:
 
         ``views``: the per-view batches, or a training batch (:class:`RenderableBatch`): its ``views``, or, when it
         carries ``images`` and ``params`` instead, the views rendered from them on ``device``
-        (dino_scale.data.device_augment.render_batch; bit-identical to ``apply`` on CPU).
+        (dino_scale.data.device_augment.render_batch; bit-identical to ``apply`` on CPU), its ``encoded`` JPEGs first
+        decoded on ``device`` (dino_scale.data.device_augment.decode_jpegs).
         The uint8 batch is moved first (4x fewer bytes over PCIe), then converted on the device.
         Deterministic. Float inputs are accepted too and are assumed to be in [0, 255].
         """
@@ -465,9 +512,12 @@ class MultiCropAugmentation:
                 if views.params is None:
                     raise ValueError("a batch with images needs their view parameters")
                 # Imported here: device_augment builds on this module's kernels (imports it at load time).
-                from dino_scale.data.device_augment import render_batch
+                from dino_scale.data.device_augment import decode_jpegs, render_batch
 
-                views = render_batch(views.images, views.params, device)
+                images = views.images
+                if views.encoded is not None:
+                    images = decode_jpegs(images, views.encoded, views.keys, device)
+                views = render_batch(images, views.params, device)
             else:
                 views = views.views
         if device not in self._affine:

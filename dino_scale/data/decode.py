@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 from PIL import ExifTags, Image, ImageFile, ImageOps
 
 from dino_scale.errors import InputError
@@ -39,6 +42,24 @@ PIL_FORMAT_TO_EXT = {
     "GIF": "gif",
     "TIFF": "tiff",
 }
+
+
+# PIL's format names of the files libjpeg decodes (MPO: JPEG with extra frames, read on its first).
+JPEG_FORMATS = frozenset({"JPEG", "MPO"})
+# libjpeg's DCT scaling decodes a JPEG at 1/2^k of its size for k up to this (1/8).
+MAX_DCT_REDUCTION = 3
+# Every JPEG starts with SOI and a marker; PIL's JPEG (and MPO) plugin accepts exactly these first bytes.
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_JPEG_EOI = b"\xff\xd9"
+# Source modes whose JPEGs the device decoder turns into the RGB that PIL's decode gives (YCbCr / RGB and grey);
+# CMYK and YCCK (Adobe's inverted ones too) stay with PIL in the workers.
+_DEVICE_DECODE_MODES = frozenset({"RGB", "L"})
+
+
+def dct_reduced_size(size: int, reduction: int) -> int:
+    """Pixels on a side of ``size`` pixels decoded at libjpeg scale 1/2^``reduction``: ceil(size / 2^reduction)
+    (libjpeg's ``jdiv_round_up``, the size PIL's ``draft`` reports)."""
+    return -(-size // (1 << reduction))
 
 
 def image_extension(extensions: Iterable[str]) -> str | None:
@@ -149,6 +170,71 @@ def _upright(image: Image.Image) -> Image.Image:
         return image
 
 
+@dataclass(frozen=True)
+class JpegHeader:
+    """What a JPEG's header tells without decoding its pixels: the size as viewers show it (``height`` x ``width``,
+    the EXIF orientation applied: 5-8 swap the stored sides), the ``orientation`` itself (1-8, as ``_upright``
+    reads it), PIL's ``format`` ("JPEG" or "MPO") and source ``mode`` ("RGB" for YCbCr, "L", "CMYK")."""
+
+    format: str
+    mode: str
+    height: int
+    width: int
+    orientation: int
+
+
+def read_jpeg_header(data: bytes) -> JpegHeader | None:
+    """The header of JPEG (or MPO) bytes, read by PIL's lazy ``Image.open`` (no pixels decoded); None for bytes of
+    any other format, which are not opened at all. Raises ``ImageDecodeError`` (as ``decode_image``) when PIL cannot
+    open them; a file whose header reads may still fail to decode (truncated data, say)."""
+    if not data.startswith(_JPEG_MAGIC):
+        return None
+    with _opened(data) as image:
+        if image.format not in JPEG_FORMATS:  # not reached with PIL's plugins; keeps the contract if that changes
+            return None
+        width, height = image.size
+        orientation = _exif_orientation(image)  # EXIF / XMP of a JPEG are in its header: nothing is decoded
+        if orientation >= 5:  # transposed (5, 7) or rotated by 90 degrees (6, 8)
+            width, height = height, width
+        return JpegHeader(image.format, image.mode, height, width, orientation)
+
+
+@dataclass(frozen=True)
+class EncodedJpeg:
+    """A JPEG shipped undecoded from the loader's workers to the training device (``data.decode_on="device"``).
+
+    ``data``: the file's bytes as a 1-D uint8 CPU tensor. ``orientation``: the EXIF orientation PIL read from its
+    header, applied after decoding (nvJPEG ignores EXIF). ``height`` x ``width``: the upright size the views'
+    parameters were drawn for, which the decoded image must have.
+    """
+
+    data: torch.Tensor
+    orientation: int
+    height: int
+    width: int
+
+    @classmethod
+    def from_bytes(cls, data: bytes, header: JpegHeader) -> EncodedJpeg:
+        # bytearray: a writable copy the tensor owns (torch.frombuffer over immutable bytes warns).
+        tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return cls(tensor, header.orientation, header.height, header.width)
+
+    def pin_memory(self) -> EncodedJpeg:
+        """Page-locked copy of the bytes (the device decoder reads them from host memory)."""
+        return replace(self, data=self.data.pin_memory())
+
+
+def decodes_on_device(data: bytes, header: JpegHeader) -> bool:
+    """Whether these JPEG bytes may be shipped to the device decoder instead of being decoded by PIL in a worker.
+
+    Only YCbCr / RGB and grey JPEGs (the device decoder's RGB of CMYK / YCCK, Adobe's inverted ones especially, is
+    not PIL's), and only bytes that end with the EOI marker: a file cut short is then still found, skipped and
+    counted in the worker, as on the worker path, instead of failing in the training process. Files with bytes
+    after their EOI (some cameras append data) are decoded in the worker: correct, only not offloaded.
+    """
+    return header.mode in _DEVICE_DECODE_MODES and data.endswith(_JPEG_EOI)
+
+
 def _decode_failure(exn: Exception, fmt: str | None, size: int) -> ImageDecodeError:
     """Turn whatever PIL raised into an ``ImageDecodeError`` whose message and ``kind`` say what went wrong."""
     what = f"{fmt} image" if fmt else "image"
@@ -169,10 +255,14 @@ def _decode_failure(exn: Exception, fmt: str | None, size: int) -> ImageDecodeEr
     return ImageDecodeError(f"corrupt {what} ({size} bytes): {type(exn).__name__}: {exn}", kind="corrupt")
 
 
-def _open_image(data: bytes, *, draft_size: int | None = None) -> tuple[Image.Image, str | None]:
-    """Fully decode ``data``; return the upright RGB image and PIL's format name. See ``decode_image``."""
-    if draft_size is not None and draft_size < 1:
-        raise InputError(f"draft_size must be a positive number of pixels, got {draft_size}")
+@contextlib.contextmanager
+def _opened(data: bytes) -> Iterator[Image.Image]:
+    """PIL's lazy ``Image.open`` of ``data`` (header read, no pixels decoded; multi-frame files open on frame 0).
+
+    Whatever PIL raises, at the open or in the ``with`` body (``load``, conversions), comes out as an
+    ``ImageDecodeError`` (see ``decode_image``); truncated data is always an error, whatever some other module set
+    in ``ImageFile.LOAD_TRUNCATED_IMAGES``.
+    """
     if not data:
         raise ImageDecodeError("empty image data (zero bytes)", kind="empty")
     fmt: str | None = None
@@ -185,15 +275,9 @@ def _open_image(data: bytes, *, draft_size: int | None = None) -> tuple[Image.Im
             # skipped. Neither may crash a job that runs with warnings turned into errors.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-            with Image.open(io.BytesIO(data)) as image:  # a multi-frame file (GIF, TIFF, APNG) opens on frame 0
+            with Image.open(io.BytesIO(data)) as image:
                 fmt = image.format
-                if draft_size is not None and fmt in ("JPEG", "MPO"):
-                    # libjpeg's DCT scaling decodes at 1/2, 1/4 or 1/8 size for a fraction of the time and
-                    # memory; PIL picks the largest reduction that keeps both sides >= draft_size.
-                    image.draft("RGB", (draft_size, draft_size))
-                image.load()
-                # Both return new images, which stay valid after the context manager closes the file.
-                return _to_rgb(_upright(image)), fmt
+                yield image
     except ImageDecodeError:
         raise
     except MemoryError:
@@ -204,7 +288,34 @@ def _open_image(data: bytes, *, draft_size: int | None = None) -> tuple[Image.Im
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
-def decode_image(data: bytes, *, draft_size: int | None = None) -> Image.Image:
+def _open_image(
+    data: bytes, *, draft_size: int | None = None, dct_reduction: int = 0
+) -> tuple[Image.Image, str | None]:
+    """Fully decode ``data``; return the upright RGB image and PIL's format name. See ``decode_image``."""
+    if draft_size is not None and draft_size < 1:
+        raise InputError(f"draft_size must be a positive number of pixels, got {draft_size}")
+    if not 0 <= dct_reduction <= MAX_DCT_REDUCTION:
+        raise InputError(f"dct_reduction must be in 0..{MAX_DCT_REDUCTION}, got {dct_reduction}")
+    if draft_size is not None and dct_reduction:
+        raise InputError("give draft_size or dct_reduction, not both")
+    with _opened(data) as image:
+        fmt = image.format
+        if fmt in JPEG_FORMATS and (draft_size is not None or dct_reduction):
+            # libjpeg's DCT scaling decodes at 1/2, 1/4 or 1/8 size for a fraction of the time and memory. PIL's
+            # draft picks the largest scale 1/a (a in 8, 4, 2, 1) with a <= min(W // w, H // h) for a requested
+            # (w, h): draft_size asks for both sides >= draft_size; a reduction k asks for (W >> k, H >> k), for
+            # which min(W // (W >> k), H // (H >> k)) lies in [2^k, 2^(k+1)), so a == 2^k exactly.
+            width, height = image.size
+            if draft_size is not None:
+                image.draft("RGB", (draft_size, draft_size))
+            else:
+                image.draft("RGB", (max(1, width >> dct_reduction), max(1, height >> dct_reduction)))
+        image.load()
+        # Both return new images, which stay valid after the context manager closes the file.
+        return _to_rgb(_upright(image)), fmt
+
+
+def decode_image(data: bytes, *, draft_size: int | None = None, dct_reduction: int = 0) -> Image.Image:
     """Decode encoded image bytes into an upright 8-bit RGB PIL image.
 
     Any PIL mode is accepted: L, P, CMYK (Adobe inverted too), 16-bit and float greyscale (scaled to 8 bits,
@@ -213,10 +324,14 @@ def decode_image(data: bytes, *, draft_size: int | None = None) -> Image.Image:
 
     ``draft_size``: for JPEG only, decode at a reduced scale (1/2, 1/4 or 1/8) whose sides stay
     ``>= draft_size``, which makes indexing big photos cheap; other formats decode at full size.
+    ``dct_reduction`` (k in 0..3, not with ``draft_size``): for JPEG (and MPO) only, decode at exactly 1/2^k of the
+    stored size, ``dct_reduced_size`` pixels per side, when both sides have at least 2^k pixels (else at the largest
+    reduction they allow); other formats decode at full size. The training stream's ``data.decode_reduced`` picks
+    k per sample.
 
     Raises ``ImageDecodeError`` (a ``ValueError``) whose ``kind`` is ``"empty"``, ``"truncated"``,
     ``"not_an_image"``, ``"corrupt"`` or ``"unsupported"``, or ``ImageTooLargeError`` (``kind == "too_large"``,
     also a ``PIL.Image.DecompressionBombError``) for more than twice ``PIL.Image.MAX_IMAGE_PIXELS`` pixels;
     images between one and two times that limit decode, PIL's warning silenced. The caller skips and counts.
     """
-    return _open_image(data, draft_size=draft_size)[0]
+    return _open_image(data, draft_size=draft_size, dct_reduction=dct_reduction)[0]

@@ -37,6 +37,14 @@ CPU core it is ~2x slower than per-sample ``apply`` (32 images, 2 x 224 + 8 x 96
 because the 224 px blur runs every row to the batch's largest kernel radius and the per-op gathers/scatters copy
 rows; on CPU the per-sample path in DataLoader workers stays the right choice.
 
+Decoding (recipe key ``data.decode_on="device"``, with the device render path): the workers ship JPEGs undecoded
+(:class:`~dino_scale.data.decode.EncodedJpeg`, the views' parameters drawn from the header's upright size) and
+:func:`decode_jpegs` decodes them batched on the training device with ``torchvision.io.decode_jpeg`` (nvJPEG on
+CUDA, libjpeg-turbo on CPU), then applies the EXIF orientation the workers read (``decode_jpeg``'s own
+``apply_exif_orientation`` is CPU-only: torchvision 0.29 ignores it on CUDA). Other formats (and CMYK JPEGs) arrive
+decoded. On CPU the decode is bit-identical to PIL's (the same libjpeg-turbo IDCT, measured on the tests' images);
+nvJPEG's IDCT and chroma upsampling may differ from libjpeg by a grey level (unmeasured here).
+
 Why hand-written instead of library ops: torchvision's v2 functional colour ops take one Python factor per call
 (``adjust_brightness(img, 1.2)``), so per-crop factors would need one call per crop; its ``gaussian_blur`` takes
 one sigma per call; ``v2.ColorJitter`` draws its own parameters and one op order per call. Here each op is one
@@ -45,8 +53,11 @@ tensor expression over a batch with a ``[N, 1, 1, 1]`` factor tensor.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as tnf
 from torchvision.transforms.v2 import functional as tvf
@@ -64,11 +75,100 @@ from dino_scale.data.augment import (
     reflect_shift_matrices,
     round_to_uint8,
 )
+from dino_scale.data.decode import EncodedJpeg, decode_image
+from dino_scale.errors import InputError
+
+logger = logging.getLogger(__name__)
 
 _N_JITTER_OPS = 4
 
 # Reflect matrices moved to a device, keyed by (device, size, radius): built once on CPU by augment.py.
 _DEVICE_SHIFT_CACHE: dict[tuple[torch.device, int, int], torch.Tensor] = {}
+
+
+def decode_jpegs(
+    images: Sequence[torch.Tensor | None],
+    encoded: Sequence[EncodedJpeg | None],
+    keys: Sequence[str],
+    device: torch.device | str,
+) -> list[torch.Tensor]:
+    """A batch's upright uint8 ``[3, H, W]`` images: ``images[i]`` where the workers decoded sample i, else its
+    ``encoded[i]`` JPEG decoded on ``device``, all of them in one batched ``torchvision.io.decode_jpeg`` call.
+
+    The EXIF orientation read in the worker is applied here (as ``decode.py``'s ``_upright`` does with PIL), and the
+    result must have the upright size the views were drawn for. A JPEG the device decoder refuses (or decodes to
+    another size) is decoded by PIL on the host instead, with a warning naming it; if PIL fails too, InputError names
+    the sample's key (the workers' checks, a header PIL opens and an EOI marker at the end, make that unlikely).
+    """
+    device = torch.device(device)
+    shipped = [(i, enc) for i, enc in enumerate(encoded) if enc is not None]
+    out = list(images)
+    for (i, enc), image in zip(shipped, _device_decode([enc for _, enc in shipped], device), strict=True):
+        if image is not None:
+            image = _orient(image, enc.orientation)
+            if tuple(image.shape) == (3, enc.height, enc.width):
+                out[i] = image
+                continue
+        logger.warning(
+            "sample %s: decoding the JPEG on %s gave %s, its views were drawn for %dx%d; decoding it with PIL",
+            keys[i], device, "an error" if image is None else f"shape {tuple(image.shape)}", enc.height, enc.width,
+        )  # fmt: skip
+        out[i] = _host_decode(enc, keys[i], device)
+    missing = [key for key, image in zip(keys, out, strict=True) if image is None]
+    if missing:
+        raise ValueError(f"samples with neither a decoded image nor encoded bytes: {missing}")
+    return [image for image in out if image is not None]  # all of them
+
+
+def _device_decode(encoded: Sequence[EncodedJpeg], device: torch.device) -> list[torch.Tensor | None]:
+    """``decode_jpeg`` of every JPEG at once (the batched call is what makes nvJPEG fast); if the batch fails, each
+    JPEG again on its own, so one bad file costs only itself: None where a JPEG fails alone."""
+    if not encoded:
+        return []
+    from torchvision.io import ImageReadMode, decode_jpeg  # imported here: only the device decode path needs it
+
+    def decode(datas: list[torch.Tensor]) -> list[torch.Tensor]:
+        with warnings.catch_warnings():
+            # torchvision 0.29 deprecates its image codecs (for TorchCodec) with a warning on every call.
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.")
+            # No apply_exif_orientation: CPU-only in torchvision (ignored on CUDA); _orient applies it everywhere.
+            return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+
+    try:
+        return list(decode([e.data for e in encoded]))
+    except Exception as exn:  # the batched call returns nothing when any JPEG fails
+        logger.debug("batched JPEG decode on %s failed (%r); decoding one by one", device, exn)
+    out: list[torch.Tensor | None] = []
+    for e in encoded:
+        try:
+            out.append(decode([e.data])[0])
+        except Exception as exn:
+            logger.debug("JPEG decode on %s failed: %r", device, exn)
+            out.append(None)
+    return out
+
+
+def _orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """PIL's ``ImageOps.exif_transpose`` for EXIF ``orientation`` 1-8 on a ``[C, H, W]`` tensor: 2 mirror,
+    3 rotate 180, 4 flip, 5 transpose, 6 rotate 90 clockwise, 7 transverse, 8 rotate 90 counter-clockwise."""
+    if orientation >= 5:
+        image = image.transpose(-2, -1)  # 5 is the transpose; 6, 7, 8 a transpose and flips
+    flips = {2: (-1,), 3: (-2, -1), 4: (-2,), 6: (-1,), 7: (-2, -1), 8: (-2,)}.get(orientation)
+    return image.flip(flips) if flips else image
+
+
+def _host_decode(enc: EncodedJpeg, key: str, device: torch.device) -> torch.Tensor:
+    """PIL's decode of a JPEG the device decoder refused or mis-sized (as the workers decode), on ``device``."""
+    try:
+        image = decode_image(enc.data.numpy().tobytes())
+    except Exception as exn:
+        raise InputError(f"sample {key}: JPEG decodable neither on {device} nor by PIL: {exn}") from exn
+    if (image.height, image.width) != (enc.height, enc.width):
+        raise InputError(
+            f"sample {key}: PIL decodes this JPEG to {image.height}x{image.width} (upright), but its header read "
+            f"{enc.height}x{enc.width}, which its views were drawn for"
+        )
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).to(device)
 
 
 def render_batch(
@@ -253,7 +353,7 @@ def _adjust_hue(img: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         torch.where(g == maxc, (b - r).add_(chroma, alpha=2.0), (r - g).add_(chroma, alpha=4.0)),
     ).mul_(inv6)
     h.add_(shift)
-    t = h.unsqueeze(1) + HUE_CHANNEL_OFFSETS.to(img.device).view(1, 3, 1, 1)
+    t = h.unsqueeze(1) + HUE_CHANNEL_OFFSETS.to(img.device, non_blocking=True).view(1, 3, 1, 1)
     t.frac_().sub_(1.0 / 3.0).abs_().clamp_(1.0 / 6.0, 1.0 / 3.0)
     return torch.addcmul((minc - chroma).unsqueeze(1), chroma6.unsqueeze(1), t)
 

@@ -16,6 +16,10 @@ The training loader is built for exact resume and multi-rank training:
 * The views are rendered in the workers, or (``render_on_device``) the workers only decode the images and draw the
   views' parameters from the same generators, and the training process renders the batch on its device
   (``MultiCropAugmentation.to_model_input``); both give the same parameters, hence the same resume and seeding.
+* Two options change how JPEGs are decoded, never which parameters are drawn: ``decode_reduced`` (read the header,
+  draw the views from its upright size, decode at the largest DCT reduction that upsamples no view, move the boxes
+  there) and ``decode_on_device`` (with ``render_on_device``: read the header, draw the views, ship the bytes; the
+  training process decodes the batch's JPEGs on its device). Both depend only on a sample's bytes and generator.
 * A shard found damaged while streaming (cut short, unreadable) is read no further: the samples before the damage
   are used, and the shard is named in ``TrainBatch.skipped_shards`` once per epoch by each worker that meets it.
 
@@ -40,9 +44,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from dino_scale.data.augment import ViewParams, eval_crop, normalize, pil_to_channels_last
+from dino_scale.data.augment import (
+    ViewParams,
+    choose_dct_reduction,
+    eval_crop,
+    normalize,
+    pil_to_channels_last,
+    reduced_view_params,
+)
 from dino_scale.data.copies import strong_copy
-from dino_scale.data.decode import decode_image
+from dino_scale.data.decode import EncodedJpeg, dct_reduced_size, decode_image, decodes_on_device, read_jpeg_header
 from dino_scale.data.folders import is_folder_url
 from dino_scale.data.items import ImageItem
 from dino_scale.data.shards import iter_raw_samples, sample_image_bytes
@@ -63,7 +74,12 @@ class Augmentation(Protocol):
     def __call__(self, image: Image.Image, generator: torch.Generator) -> list[torch.Tensor]: ...
 
     def sample_params(self, height: int, width: int, generator: torch.Generator) -> list[ViewParams]:
-        """Only called with ``render_on_device``: what ``__call__`` draws from ``generator`` before rendering."""
+        """Only called with ``render_on_device``, ``decode_reduced`` or ``decode_on_device``: what ``__call__`` draws
+        from ``generator`` before rendering."""
+        ...
+
+    def apply(self, image: Image.Image, params: list[ViewParams]) -> list[torch.Tensor]:
+        """Only called with ``decode_reduced``: what ``__call__`` renders from the parameters it drew."""
         ...
 
 
@@ -108,7 +124,9 @@ class TrainBatch:
     ``views[k]`` is view ``k`` of every sample stacked to ``[B, 3, H, W]`` (in the augmentation's dtype). From a
     loader with ``render_on_device``, ``views`` is empty and the batch holds instead ``images[i]``, sample i's decoded
     image (uint8 ``[3, H_i, W_i]``, contiguous), and ``params[i]``, its views' parameters, for
-    ``MultiCropAugmentation.to_model_input`` to render on the training device.
+    ``MultiCropAugmentation.to_model_input`` to render on the training device. With ``decode_on_device`` too,
+    ``encoded`` is a list in which ``encoded[i]`` holds sample i's JPEG, undecoded, where ``images[i]`` is None (the
+    other formats, and the JPEGs that must be decoded by PIL, are in ``images``); otherwise ``encoded`` is None.
     ``skipped`` lists the keys of corrupt samples dropped while assembling this batch; their slots hold extra,
     independently augmented copies of other samples of the batch, so a key may appear twice in ``keys``.
     ``skipped_shards`` lists the shards this batch's worker found damaged (and read no further) since its previous
@@ -120,18 +138,24 @@ class TrainBatch:
     keys: list[str]
     skipped: list[str] = field(default_factory=list)
     skipped_shards: list[str] = field(default_factory=list)
-    images: list[torch.Tensor] | None = None
+    images: list[torch.Tensor | None] | None = None
     params: list[list[ViewParams]] | None = None
+    encoded: list[EncodedJpeg | None] | None = None
 
     def pin_memory(self) -> TrainBatch:
         """Page-locked copy (called by ``DataLoader(pin_memory=True)``) for faster host-to-GPU transfer."""
+
+        def pinned(items: list[Any] | None) -> list[Any] | None:
+            return None if items is None else [None if item is None else item.pin_memory() for item in items]
+
         return TrainBatch(
             [v.pin_memory() for v in self.views],
             self.keys,
             self.skipped,
             self.skipped_shards,
-            images=None if self.images is None else [image.pin_memory() for image in self.images],
+            images=pinned(self.images),
             params=self.params,
+            encoded=pinned(self.encoded),
         )
 
 
@@ -154,6 +178,20 @@ class _DamagedShards:
         """The shards met since the last call."""
         taken, self.pending = self.pending, []
         return taken
+
+
+class _Unreadable(Exception):
+    """A sample's bytes could not be read or decoded (the cause is chained): the sample is skipped and counted."""
+
+
+@dataclass
+class _Loaded:
+    """One sample read for a batch: its decoded ``image`` (None when shipped ``encoded``), and the parameters of its
+    views when they were drawn before decoding (from the JPEG header), boxes in ``image``'s pixels."""
+
+    image: Image.Image | None
+    params: list[ViewParams] | None = None
+    encoded: EncodedJpeg | None = None
 
 
 def _pop_random(buffer: list[Any], rng: random.Random) -> Any:
@@ -179,6 +217,8 @@ class _TrainStream(IterableDataset):
         world_size: int,
         shuffle_buffer: int,
         render_on_device: bool = False,
+        decode_reduced: bool = False,
+        decode_on_device: bool = False,
     ) -> None:
         super().__init__()
         self.urls = urls
@@ -193,6 +233,8 @@ class _TrainStream(IterableDataset):
         self.world_size = world_size
         self.shuffle_buffer = max(shuffle_buffer, 1)
         self.render_on_device = render_on_device
+        self.decode_reduced = decode_reduced
+        self.decode_on_device = decode_on_device
 
     def _raw_stream(self, worker: int, damaged: _DamagedShards) -> Iterator[tuple[dict[str, Any], int]]:
         """Endless shuffled stream of (raw sample, pass number) for one logical worker; the damaged shards it meets
@@ -241,31 +283,68 @@ class _TrainStream(IterableDataset):
         # A repeated pass within the epoch must not replay the first pass's views.
         return _generator("augment", self.seed, self.epoch, key, pass_idx)
 
-    def _augment(self, image: Image.Image, key: str, pass_idx: int, fill: int | None = None) -> Any:
-        """The sample's rendered views, or with ``render_on_device`` (its image as a contiguous uint8 CHW tensor,
-        the parameters of its views), drawn from the same generator."""
-        gen = self._generator_for(key, pass_idx, fill)
-        if not self.render_on_device:
-            return self.augmentation(image, gen)
-        params = self.augmentation.sample_params(image.height, image.width, gen)
+    def _load(self, sample: dict[str, Any], pass_idx: int, fill: int | None = None) -> _Loaded:
+        """Read (and, but for a JPEG shipped to the device, decode) one sample; raises ``_Unreadable`` when its bytes
+        cannot be. A JPEG read with ``decode_reduced`` or ``decode_on_device`` has its views drawn here, from the
+        header's upright size and the sample's generator: the draws the decoded image would give."""
+        key = sample["__key__"]
+        try:
+            data = sample_image_bytes(sample)
+            header = read_jpeg_header(data) if self.decode_reduced or self.decode_on_device else None
+            if header is None:  # another format, or neither option: decoded as without them
+                return _Loaded(decode_image(data))
+        except Exception as exn:  # a corrupt sample must never stop training
+            raise _Unreadable(key) from exn
+        full = (header.height, header.width)
+        # Augmentation errors are bugs, not bad data: they propagate.
+        params = self.augmentation.sample_params(*full, self._generator_for(key, pass_idx, fill))
+        if self.decode_on_device and decodes_on_device(data, header):
+            return _Loaded(None, params, EncodedJpeg.from_bytes(data, header))
+        reduction = choose_dct_reduction(params, *full) if self.decode_reduced else 0
+        try:
+            image = decode_image(data, dct_reduction=reduction)
+        except Exception as exn:
+            raise _Unreadable(key) from exn
+        size = (dct_reduced_size(header.height, reduction), dct_reduced_size(header.width, reduction))
+        if (image.height, image.width) != size:
+            # The pixels disagree with the header (an EXIF orientation PIL could not apply, a draft it declined):
+            # the views are drawn from the decoded image, as without the options.
+            logger.debug("sample %s: header %s, decoded %s; drawing from the decoded size", key, size, image.size)
+            return _Loaded(image)
+        return _Loaded(image, reduced_view_params(params, full, size) if reduction else params)
+
+    def _augment(self, loaded: _Loaded, key: str, pass_idx: int, fill: int | None = None) -> Any:
+        """The sample's rendered views, or with ``render_on_device`` (its image as a contiguous uint8 CHW tensor or
+        None, the parameters of its views, its encoded JPEG or None), drawn from the sample's generator (in
+        ``_load`` when the parameters came from the header)."""
+        image, params = loaded.image, loaded.params
+        if params is None:  # drawn from the decoded image, as without the decode options
+            assert image is not None  # shipped JPEGs have their parameters
+            generator = self._generator_for(key, pass_idx, fill)
+            if not self.render_on_device:
+                return self.augmentation(image, generator)
+            params = self.augmentation.sample_params(image.height, image.width, generator)
+        elif not self.render_on_device:
+            assert image is not None  # only the device path ships JPEGs undecoded
+            return self.augmentation.apply(image, params)
         # The CHW view of the HWC pixels the per-sample path renders from, made contiguous: sent to the main process.
-        return pil_to_channels_last(image)[0].contiguous(), params
+        pixels = None if image is None else pil_to_channels_last(image)[0].contiguous()
+        return pixels, params, loaded.encoded
 
     def _batch(self, stream: Iterator[tuple[dict[str, Any], int]]) -> TrainBatch:
         good: list[tuple[dict[str, Any], int]] = []
-        per_sample: list[Any] = []  # rendered views, or (image, params) with render_on_device
+        per_sample: list[Any] = []  # rendered views, or (image, params, encoded) with render_on_device
         skipped: list[str] = []
 
         def try_add(sample: dict[str, Any], pass_idx: int) -> None:
             key = sample["__key__"]
             try:
-                image = decode_image(sample_image_bytes(sample))
-            except Exception as exn:  # a corrupt sample must never stop training
+                loaded = self._load(sample, pass_idx)
+            except _Unreadable as exn:
                 skipped.append(key)
-                logger.debug("dropping unreadable sample %s (%s): %r", key, sample.get("__url__"), exn)
+                logger.debug("dropping unreadable sample %s (%s): %r", key, sample.get("__url__"), exn.__cause__)
                 return
-            # Augmentation errors are bugs, not bad data: they propagate.
-            per_sample.append(self._augment(image, key, pass_idx))
+            per_sample.append(self._augment(loaded, key, pass_idx))
             good.append((sample, pass_idx))
 
         for sample, pass_idx in itertools.islice(stream, self.batch_size):
@@ -279,13 +358,14 @@ class _TrainStream(IterableDataset):
         for fill in range(self.batch_size - n_good):
             # Refill the slots of dropped samples with new views of this batch's good ones (re-decoded: rare).
             sample, pass_idx = good[fill % n_good]
-            image = decode_image(sample_image_bytes(sample))
-            per_sample.append(self._augment(image, sample["__key__"], pass_idx, fill=fill))
+            key = sample["__key__"]
+            per_sample.append(self._augment(self._load(sample, pass_idx, fill=fill), key, pass_idx, fill=fill))
             good.append((sample, pass_idx))
         keys = [s["__key__"] for s, _ in good]
         if self.render_on_device:
-            images, params = (list(part) for part in zip(*per_sample, strict=True))
-            return TrainBatch(views=[], keys=keys, skipped=skipped, images=images, params=params)
+            images, params, encoded = (list(part) for part in zip(*per_sample, strict=True))
+            shipped = encoded if any(e is not None for e in encoded) else None
+            return TrainBatch(views=[], keys=keys, skipped=skipped, images=images, params=params, encoded=shipped)
         views = [torch.stack([s[k] for s in per_sample]) for k in range(len(per_sample[0]))]
         return TrainBatch(views=views, keys=keys, skipped=skipped)
 
@@ -358,6 +438,8 @@ def make_train_loader(
     shuffle_buffer: int = 1000,
     pin_memory: bool = False,
     render_on_device: bool = False,
+    decode_reduced: bool = False,
+    decode_on_device: bool = False,
 ) -> Iterable[TrainBatch]:
     """Training batches for one epoch on one rank: exactly ``steps_per_epoch - start_batch`` of them.
 
@@ -375,6 +457,15 @@ def make_train_loader(
     ``TrainBatch.skipped_shards`` once per epoch by each worker that meets it; a missing shard raises.
     ``render_on_device``: the batches carry the decoded images and their views' parameters instead of the views
     (see :class:`TrainBatch`), the same parameters as the rendered path's; ``augmentation.to_model_input`` renders them.
+    ``decode_reduced`` (recipe key ``data.decode_reduced``): each JPEG's views are drawn from its header's upright size
+    (the draws of a full decode), then it is decoded at the largest DCT reduction 1/2^k that leaves every view's
+    crop at least its output size (``augment.choose_dct_reduction``; k = 0 decodes and renders exactly as without
+    the option), and the views' boxes are moved into the reduced image (``augment.reduced_view_params``). Other
+    formats decode as without it. ``decode_on_device`` (``data.decode_on="device"``; needs ``render_on_device``): the
+    workers read only the JPEGs' headers, draw the views from them, and ship the bytes (``TrainBatch.encoded``);
+    ``to_model_input`` decodes them on the training device. JPEGs shipped this way decode at full size
+    (``decode_reduced`` applies to those the workers decode); other formats, and CMYK or unterminated JPEGs, are
+    decoded in the workers.
 
     The returned object supports ``len()`` and can be iterated again (each time from ``start_batch``).
     """
@@ -386,6 +477,8 @@ def make_train_loader(
         raise InputError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     if num_workers < 0:
         raise InputError(f"num_workers must be >= 0, got {num_workers}")
+    if decode_on_device and not render_on_device:
+        raise InputError("decode_on_device needs render_on_device: the workers render from decoded pixels")
     urls = list(urls)
     if not urls:
         raise InputError("make_train_loader needs at least one shard")
@@ -413,6 +506,8 @@ def make_train_loader(
         world_size=world_size,
         shuffle_buffer=shuffle_buffer,
         render_on_device=render_on_device,
+        decode_reduced=decode_reduced,
+        decode_on_device=decode_on_device,
     )
     loader_seed = stable_seed("dataloader", seed, epoch, rank)
     return _Loader(dataset, num_workers, pin_memory, steps_per_epoch - start_batch, loader_seed)

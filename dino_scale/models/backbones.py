@@ -54,6 +54,15 @@ def patch_size_of(backbone: nn.Module) -> int | None:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
+def fused_attention_layers(backbone: nn.Module) -> tuple[int, int]:
+    """(attention layers that run torch's fused scaled_dot_product_attention, attention layers with timm's switch).
+
+    timm turns it off for ONNX-exportable models and when TIMM_FUSED_ATTN=0; training wants it on (flash / memory-
+    efficient kernels on a GPU instead of materialising the attention matrix)."""
+    layers = [module for module in backbone.modules() if hasattr(module, "fused_attn")]
+    return sum(bool(module.fused_attn) for module in layers), len(layers)
+
+
 def create_backbone(
     arch: str, drop_path_rate: float = 0.0, pos_embed_interpolation: str = "official", **timm_kwargs: Any
 ) -> nn.Module:

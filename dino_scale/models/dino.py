@@ -74,16 +74,24 @@ class MultiCropWrapper(nn.Module):
         self.backbone = backbone
         self.head = head
 
+    def compile_backbone(self, backend: str = "inductor") -> None:
+        """Run the backbone through torch.compile in this wrapper's forward, with static shapes: one graph per crop
+        resolution (and grad mode), none after the first step of each since the batches keep their size. The compiled
+        callable is kept outside the module tree, so parameter names and checkpoints stay as they are, and whoever
+        calls `self.backbone` directly (the k-NN evaluation, with other batch sizes) runs it eagerly."""
+        self.__dict__["_compiled_backbone"] = torch.compile(self.backbone, backend=backend, dynamic=False)
+
     def forward(self, views: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
         if isinstance(views, torch.Tensor):
             views = [views]
+        backbone = self.__dict__.get("_compiled_backbone", self.backbone)
         features = []
         start = 0
         while start < len(views):
             end = start
             while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
                 end += 1
-            features.append(self.backbone(torch.cat(list(views[start:end]))))
+            features.append(backbone(torch.cat(list(views[start:end]))))
             start = end
         return self.head(torch.cat(features))
 

@@ -11,18 +11,29 @@ from torch import nn
 
 @torch.no_grad()
 def update_teacher(
-    teacher: nn.Module, student_weight_groups: Iterable[list[tuple[str, torch.Tensor]]], momentum: float
+    teacher: nn.Module,
+    student_weight_groups: Iterable[list[tuple[str, torch.Tensor]]],
+    momentum: float,
+    applied: torch.Tensor | bool = True,
 ) -> None:
-    """theta_t <- momentum * theta_t + (1 - momentum) * theta_s, one group (block) of student weights at a time.
+    """theta_t <- momentum * theta_t + (1 - momentum) * theta_s, one group (block) of student weights at a time, as
+    the official code computes it: the student's share is its own product, then added.
 
-    Taking groups rather than the whole model lets a sharded backend gather one block at a time.
+    `applied` is the optimizer step's verdict: False (or a 0-dim bool tensor, read only by the device) leaves the
+    teacher as it is, so a dropped non-finite step needs no host read here either. Taking groups rather than the
+    whole model lets a sharded backend gather one block at a time.
     """
+    if applied is False:
+        return
+    # On the device, a dropped step becomes momentum 1 and share 0 (Python scalars: nothing is copied to the device).
+    keep = momentum if applied is True else torch.where(applied, momentum, 1.0)
+    share = 1.0 - momentum if applied is True else torch.where(applied, 1.0 - momentum, 0.0)
     teacher_parameters = dict(teacher.named_parameters())
     for group in student_weight_groups:
         targets = [teacher_parameters[name] for name, _ in group]
         sources = [weight.detach().to(target.dtype) for (_, weight), target in zip(group, targets, strict=True)]
-        torch._foreach_mul_(targets, momentum)
-        torch._foreach_add_(targets, sources, alpha=1.0 - momentum)
+        torch._foreach_mul_(targets, keep)
+        torch._foreach_add_(targets, torch._foreach_mul(sources, share))
 
 
 def teacher_digest(teacher: nn.Module) -> str:

@@ -3,9 +3,9 @@
 Per optimizer step: the teacher sees the two global crops and the student all crops -> centred, sharpened
 cross-entropy -> backward (accumulated over micro-batches) -> student step -> teacher EMA -> log -> checkpoint.
 Everything hardware-specific sits behind `Backend` (backends/base.py): the loop never calls a collective itself and
-never asks which backend it has, and between log steps it reads nothing back from the device except the one
-non-finite check per optimizer step.
-"""
+never asks which backend it has. Between log and checkpoint steps nothing is read back from the device (no host
+synchronisation): the loss is summed there, and a non-finite step is dropped there (the fused optimizer skips it,
+the center and teacher keep their values) and judged at the next log step (TrainState.settle)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ from dino_scale.data.shards import expand_shards, survey_shards
 from dino_scale.devices import set_threads
 from dino_scale.errors import PREEMPTED_EXIT_STATUS, ConfigError, Preempted, blame
 from dino_scale.io import atomic_write_json, save_safetensors
-from dino_scale.models.dino import build_student_teacher
+from dino_scale.models.backbones import fused_attention_layers
+from dino_scale.models.dino import MultiCropWrapper, build_student_teacher
 from dino_scale.models.weights import IMAGE_SIZE_METADATA_KEY, extract_backbone_state_dict, load_backbone_weights
 from dino_scale.train.backends import Backend, make_backend
 from dino_scale.train.backends.base import STOP_REQUESTED
@@ -50,7 +51,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     """Run (or resume) training as the recipe says; returns the last step's metrics record plus the final ones.
 
     A fresh run refuses a run directory that holds another run unless `overwrite` (which removes that run's files);
-    `resume` continues it. SIGTERM / SIGINT / SIGUSR1 end the run after the current optimizer step with a checkpoint
+    `resume` continues it. SIGTERM / SIGINT / SIGUSR1 end the run at the next log step with a checkpoint
     (errors.Preempted)."""
     run_dir = cfg.resolved_output_dir()
     changes = check_run_dir(cfg, resume, overwrite)  # every input is checked before the first step
@@ -111,12 +112,12 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
                     freeze_last_layer=step / plan.steps_per_epoch < cfg.optim.freeze_last_layer,
                     flags={**non_finite.take(), STOP_REQUESTED: signals.flag()},  # one collective for all flags
                 )
-                if result.applied:
-                    loss_fn.update_center()
-                    update_teacher(teacher, backend.student_weight_groups(), float(schedules.momentum[step]))
-                else:
-                    loss_fn.discard_pending()
-                state.finish_step(result)  # stops on a non-finite step unless the skip budget allows it
+                # A dropped step leaves the center and the teacher as they were, decided on the device.
+                loss_fn.update_center(result.applied)
+                update_teacher(
+                    teacher, backend.student_weight_groups(), float(schedules.momentum[step]), result.applied
+                )
+                state.finish_step(result, last_step)  # reads the verdicts at log / checkpoint steps: may stop the run
                 record = metrics.step_done(
                     state.step, epoch, stats, result.grad_norm, state.counts(), state.skipped_steps
                 )
@@ -214,10 +215,28 @@ def build_networks(cfg: TrainConfig, backend: Backend) -> tuple[nn.Module, nn.Mo
         log.info("backbones initialised from %s", cfg.model.init_backbone)
     if cfg.model.grad_checkpointing:
         student.backbone.set_grad_checkpointing(True)
+    if cfg.model.compile:
+        compile_backbones(cfg, student, teacher)
+    fused, layers = fused_attention_layers(student.backbone)
+    if fused < layers:
+        log.warning(
+            "attention: %d of %d layers run without torch's fused SDPA (TIMM_FUSED_ATTN=0?)", layers - fused, layers
+        )
+    elif layers:
+        log.info("attention: torch's fused scaled_dot_product_attention in all %d layers", layers)
     student_module = backend.prepare(student)
     teacher = backend.prepare_teacher(teacher)
     torch.manual_seed(stable_seed("train-rng", cfg.seed, 0, backend.rank))  # drop-path masks differ per rank
     return student_module, teacher
+
+
+def compile_backbones(cfg: TrainConfig, *networks: MultiCropWrapper) -> None:
+    """torch.compile each network's backbone (MultiCropWrapper.compile_backbone: static shapes, one graph per crop
+    resolution and grad mode -- student globals, student locals, teacher globals -- compiled in the first step, none
+    after it). The heads stay eager: a handful of matmuls."""
+    for network in networks:
+        network.compile_backbone(cfg.model.compile_backend)
+    log.info("backbones compiled with torch.compile (backend %s, static shapes)", cfg.model.compile_backend)
 
 
 def make_augmentation(cfg: TrainConfig) -> MultiCropAugmentation:
@@ -234,6 +253,7 @@ def epoch_batches(
     cfg: TrainConfig, plan: DataPlan, backend: Backend, augmentation: MultiCropAugmentation, state: TrainState
 ) -> Iterable[TrainBatch]:
     """This process's micro-batches of the state's epoch, from where the state stands in it."""
+    render_on_device = renders_on_device(cfg.data.augment_on, backend.device)
     return make_train_loader(
         plan.urls,
         augmentation,
@@ -247,7 +267,9 @@ def epoch_batches(
         world_size=backend.world_size,
         shuffle_buffer=cfg.data.shuffle_buffer,
         pin_memory=backend.device.type == "cuda",
-        render_on_device=renders_on_device(cfg.data.augment_on, backend.device),
+        render_on_device=render_on_device,
+        decode_reduced=cfg.data.decode_reduced,
+        decode_on_device=render_on_device and cfg.data.decode_on == "device",
     )
 
 

@@ -88,18 +88,19 @@ class DINOLoss(nn.Module):
             self.pending_sums[:, -1] += teacher_output.shape[0]
         return loss, stats
 
-    def discard_pending(self) -> None:
-        """Forget the teacher rows since the last update (their optimizer step was dropped as non-finite)."""
-        self.pending_sums.zero_()
-
     @torch.no_grad()
-    def update_center(self) -> None:
-        """c <- m c + (1 - m) * (sum of pending teacher rows over all ranks) / (their count over all ranks)."""
+    def update_center(self, applied: torch.Tensor | bool = True) -> None:
+        """c <- m c + (1 - m) * (sum of pending teacher rows over all ranks) / (their count over all ranks), where
+        `applied` (the optimizer step's verdict, a device flag: no host read) says the step was kept; a dropped
+        step's teacher rows are forgotten and the center stays."""
         sums_and_count = self.pending_sums.clone()
         if self.sum_over_ranks is not None:
             sums_and_count = self.sum_over_ranks(sums_and_count)  # one collective: the row count rides along
         self.pending_sums.zero_()
-        if sums_and_count[0, -1] == 0:
+        if applied is False:
             return
-        batch_center = sums_and_count[:, :-1] / sums_and_count[:, -1:]
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
+        count = sums_and_count[:, -1:]
+        batch_center = sums_and_count[:, :-1] / count
+        updated = torch.add(self.center * self.center_momentum, batch_center, alpha=1.0 - self.center_momentum)
+        keep = count > 0 if applied is True else (count > 0) & applied
+        self.center.copy_(torch.where(keep, updated, self.center))

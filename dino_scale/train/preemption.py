@@ -1,10 +1,11 @@
-"""Preemption: SIGTERM, SIGINT and SIGUSR1 stop a run at the end of its current optimizer step, with a checkpoint.
+"""Preemption: SIGTERM, SIGINT and SIGUSR1 stop a run at its next log step, with a checkpoint.
 
 A cluster scheduler (SLURM's `--signal`, Kubernetes, spot-instance notices) or a user's Ctrl-C asks the process to
 stop. Exiting at once would lose up to `checkpoint_every` steps; instead the signal only sets a flag. The loop hands
 the flag to the backend together with the step's non-finite flags, which it already reduces over all ranks once per
-optimizer step (no extra collective, no extra host read), so every rank sees the request at the same step even when
-the signal reached only one of them. Then every rank writes its part of a checkpoint and the command exits with
+optimizer step (no extra collective) and reads at log steps (no extra host read), so every rank sees the request at
+the same step even when the signal reached only one of them. Then every rank writes its part of a checkpoint and the
+command exits with
 errors.PREEMPTED_EXIT_STATUS (75), which a job script can requeue; `--resume` continues bit for bit.
 
 A second signal while the first is pending stops at once (Ctrl-C twice), as the process would without this module.

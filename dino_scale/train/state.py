@@ -77,7 +77,8 @@ class TrainState:
         self.skipped_steps = 0  # the same on every rank
         self.skipped_examples: list[str] = []
         self._checkpoint_pending = False
-        self._last_good_step: int | None = None  # the latest step whose update was applied
+        self._last_good_step: int | None = None  # the latest settled step whose update was applied
+        self._pending: list[tuple[int, StepResult]] = []  # (1-based step, result) not yet read by settle()
 
     @property
     def first_micro_batch(self) -> int:
@@ -96,35 +97,58 @@ class TrainState:
         """This rank's skip counts, summed over ranks at log steps."""
         return {"skipped_samples": self.skipped_samples, "skipped_shards": self.skipped_shards}
 
-    def finish_step(self, result: StepResult) -> None:
+    def finish_step(self, result: StepResult, last_step: int) -> None:
         """One optimizer step done (applied, or dropped as non-finite): advance the step and the data position
-        (rolling over at the epoch's end). A non-finite step stops the run unless the `skip_nonfinite_steps`
-        budget allows dropping it; the error names the step as the log numbers it (1-based)."""
-        if result.non_finite:
-            budget_left = self.cfg.skip_nonfinite_steps - self.skipped_steps
-            if not result.recoverable or budget_left <= 0 or not self.backend.can_skip_steps:
-                raise NonFiniteError(self._non_finite_message(result))
-            self.skipped_steps += 1
-            log.warning(
-                "step %d: non-finite %s; the update was dropped (%d of skip_nonfinite_steps=%d used)",
-                self.step + 1,
-                ", ".join(result.non_finite),
-                self.skipped_steps,
-                self.cfg.skip_nonfinite_steps,
-            )
+        (rolling over at the epoch's end), and keep its verdict, which stays on the device until `settle` reads the
+        pending ones together: at log steps, checkpoint steps and the last step (the same steps on every rank)."""
+        self._pending.append((self.step + 1, result))
         self.step += 1
         self.step_in_epoch += 1
         if self.step_in_epoch == self.plan.steps_per_epoch:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
         if self.step % self.cfg.checkpoint_every == 0:
             self._checkpoint_pending = True
-        if not result.non_finite:
-            self._last_good_step = self.step
+        # A verdict already on the host that dropped the step (DeepSpeed, the optimizers without a device skip) is
+        # judged at once: it costs nothing, and DeepSpeed cannot go on after a step it did not take.
+        on_host_dropped = not result.recoverable or result.applied is False
+        if self.step % self.cfg.log_every == 0 or self.step == last_step or self._checkpoint_pending or on_host_dropped:
+            self.settle()
 
-    def _non_finite_message(self, result: StepResult) -> str:
+    def settle(self) -> None:
+        """Read the pending steps' verdicts (one host read for all of them) and act on each in order: a non-finite
+        step stops the run unless the `skip_nonfinite_steps` budget allows dropping it (its update was already
+        dropped on the device); the error names the step as the log numbers it (1-based). A preemption signal on any
+        rank sets `backend.stop_requested`. Between settles the run goes on: a step found non-finite here stops the
+        run at the next log or checkpoint step, before anything of it is saved."""
+        pending, self._pending = self._pending, []
+        flagged = [(step, result) for step, result in pending if result.flags is not None]
+        values = torch.cat([r.flags.reshape(-1) for _, r in flagged]).tolist() if flagged else []  # type: ignore[union-attr]
+        offset = 0
+        for step, result in pending:
+            width = len(result.flag_names) if result.flags is not None else 0
+            non_finite, stop = result.verdict(values[offset : offset + width])
+            offset += width
+            if stop:
+                self.backend.stop_requested = True
+            if non_finite:
+                budget_left = self.cfg.skip_nonfinite_steps - self.skipped_steps
+                if not result.recoverable or budget_left <= 0 or not self.backend.can_skip_steps:
+                    raise NonFiniteError(self._non_finite_message(step, non_finite, result.recoverable))
+                self.skipped_steps += 1
+                log.warning(
+                    "step %d: non-finite %s; the update was dropped (%d of skip_nonfinite_steps=%d used)",
+                    step,
+                    ", ".join(non_finite),
+                    self.skipped_steps,
+                    self.cfg.skip_nonfinite_steps,
+                )
+            else:
+                self._last_good_step = step
+
+    def _non_finite_message(self, step: int, non_finite: list[str], recoverable: bool) -> str:
         latest = layout.find_latest_checkpoint(self.run_dir)
         where = f"the last checkpoint is {latest} (resume with --resume)" if latest else "no checkpoint was written"
-        if not result.recoverable:
+        if not recoverable:
             why = "stopping"
         elif not self.backend.can_skip_steps:
             why = f"stopping (backend={self.backend.name} cannot drop a step outside fp16 loss scaling)"
@@ -132,7 +156,7 @@ class TrainState:
             why = f"stopping: the skip_nonfinite_steps budget of {self.cfg.skip_nonfinite_steps} is used up"
         else:
             why = "stopping (set skip_nonfinite_steps to drop such steps instead)"
-        return f"step {self.step + 1}: non-finite {', '.join(result.non_finite)}; {why}; {where}"
+        return f"step {step}: non-finite {', '.join(non_finite)}; {why}; {where}"
 
     def checkpoint_due(self, last_step: int) -> bool:
         """Every `checkpoint_every` steps, but only after an applied (finite) step: a due checkpoint whose step was

@@ -87,11 +87,15 @@ def test_a_dropped_step_leaves_the_weights_as_they_were(tmp_path, monkeypatch) -
     for part in ("student", "teacher"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
     assert torch.equal(a["center"], b["center"])
-    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
-    assert all(
-        torch.equal(a["optimizer"]["state"][name]["exp_avg"], b["optimizer"]["state"][name]["exp_avg"])
-        for name in a["optimizer"]["state"]
-    )
+    # The fused kernel allocates a parameter's state even for a step it skips: a fresh one (zero moments and step
+    # count), which is what a parameter without state starts from.
+    states = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert set(states[0]) <= set(states[1])
+    for name in states[1]:
+        if name in states[0]:
+            assert all(torch.equal(states[0][name][k], states[1][name][k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+        else:
+            assert all(not states[1][name][k].any() for k in ("exp_avg", "exp_avg_sq", "step")), name
 
 
 def test_budget_used_up_stops_naming_the_step_and_the_last_checkpoint(tmp_path, monkeypatch) -> None:

@@ -31,6 +31,7 @@ from dino_scale.config import BatchPlan, TrainConfig
 from dino_scale.errors import CheckpointError, Unavailable, WriteFailed
 from dino_scale.io import atomic_torch_save, load_checkpoint, write_failure
 from dino_scale.train import checkpoint
+from dino_scale.train.optim import kernel_kept
 
 log = logging.getLogger("dino_scale")
 
@@ -41,14 +42,40 @@ STOP_REQUESTED = "stop_requested"
 
 @dataclass(frozen=True)
 class StepResult:
-    """What one optimizer step did. `non_finite`: the quantities that went NaN / inf (the same on every rank);
-    `applied`: False when the update was dropped (the weights and optimizer state are the previous step's);
-    `recoverable`: False when a failure may have touched the weights (the run must stop whatever the budget)."""
+    """What one optimizer step did, as the device knows it: nothing here is read back to the host until the train
+    state settles its pending steps at a log or checkpoint step (TrainState.settle), so a step costs no host sync.
+
+    `flags`: one value per name in `flag_names`, the maximum over ranks, non-zero where that quantity went NaN / inf
+    in this step (STOP_REQUESTED, always last when present: a preemption signal reached some rank). `applied`: False
+    (a 0-dim bool tensor, or a plain bool where the backend had to read it at once) where the update was dropped,
+    leaving the weights and optimizer state as they were. `expected`: names whose non-finite values are no error
+    (fp16 loss scaling skips such steps and lowers the scale). `failure`: what went wrong on the host, reported with
+    the flags (an update that raised an overflow in the optimizer's float arithmetic); `recoverable` False: the
+    weights may be touched, the run must stop."""
 
     grad_norm: torch.Tensor
-    non_finite: list[str]
-    applied: bool = True
+    flag_names: tuple[str, ...] = ()
+    flags: torch.Tensor | None = None
+    applied: torch.Tensor | bool = True
+    expected: tuple[str, ...] = ()
     recoverable: bool = True
+    failure: str | None = None
+
+    def verdict(self, values: Sequence[float] | None = None) -> tuple[list[str], bool]:
+        """(the quantities that went non-finite, whether a stop was requested) from the flags' `values` (read by the
+        caller, many steps at once) or, without them, read now."""
+        if values is None:
+            values = [] if self.flags is None else self.flags.tolist()
+        raised = [name for name, value in zip(self.flag_names, values, strict=True) if value]
+        bad = [name for name in raised if name != STOP_REQUESTED and name not in self.expected]
+        if self.failure is not None:
+            bad.append(self.failure)
+        return bad, STOP_REQUESTED in raised
+
+    @property
+    def non_finite(self) -> list[str]:
+        """The quantities that went non-finite (reads the flags: a host sync; the loop reads them in bulk instead)."""
+        return self.verdict()[0]
 
 
 @dataclass(frozen=True)
@@ -126,7 +153,7 @@ class Backend(ABC):
     rank: int = 0
     world_size: int = 1
     stop_requested: bool = False
-    """Whether a preemption signal reached any rank by the last optimizer step (set by `non_finite`)."""
+    """Whether a preemption signal reached any rank by the last settled optimizer step (set by TrainState.settle)."""
 
     def __init__(self, cfg: TrainConfig, batch: BatchPlan) -> None:
         self.cfg = cfg
@@ -170,8 +197,9 @@ class Backend(ABC):
         clipping (last layer included), the same on every rank.
 
         `flags` (name -> 0-dim bool tensor, True where that quantity went NaN / inf in this step's micro-batches)
-        are checked together with the gradient norm before the update, with one collective and one host read: a
-        step that is non-finite on any rank updates nothing on every rank (`StepResult.applied` False)."""
+        are reduced over ranks together with the gradient norm before the update (one collective, `reduce_flags`):
+        a step that is non-finite on any rank updates nothing on every rank (`StepResult.applied` False). Where the
+        optimizer can skip on the device, nothing is read back (see `apply_if_finite`)."""
 
     @property
     def skips_non_finite_steps(self) -> bool:
@@ -185,23 +213,15 @@ class Backend(ABC):
         `skip_nonfinite_steps` budget): every backend that checks before it updates."""
         return True
 
-    def non_finite(self, flags: dict[str, torch.Tensor]) -> list[str]:
-        """Names of the quantities that went NaN / inf on any process (`flags`: name -> 0-dim bool tensor). One
-        collective and one host read; every rank gets the same list, so all of them act the same.
-
-        A flag named STOP_REQUESTED (a preemption signal, dino_scale.train.preemption) rides along in the same
-        collective: it is no non-finite quantity, and sets `stop_requested` instead (True on every rank when any
-        rank asked)."""
-        if self.skips_non_finite_steps:
-            flags = {name: flag for name, flag in flags.items() if name != "gradient_norm"}
-        if not flags:
-            return []
-        vector = torch.stack([flag.to(self.device, torch.float32) for flag in flags.values()])
+    def reduce_flags(self, flags: dict[str, torch.Tensor]) -> tuple[tuple[str, ...], torch.Tensor]:
+        """(names, values): the flags (name -> 0-dim bool tensor) stacked into one float vector on the device, the
+        maximum over processes (one collective, no host read), STOP_REQUESTED moved last. Every rank gets the same
+        vector, so all of them drop the same steps."""
+        names = tuple(sorted(flags, key=lambda name: name == STOP_REQUESTED))
+        vector = torch.stack([flags[name].to(self.device, torch.float32) for name in names])
         if self.distributed:
             dist.all_reduce(vector, op=dist.ReduceOp.MAX)
-        raised = [name for name, value in zip(flags, vector.tolist(), strict=True) if value]
-        self.stop_requested = STOP_REQUESTED in raised
-        return [name for name in raised if name != STOP_REQUESTED]
+        return names, vector
 
     @abstractmethod
     def student_weight_groups(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
@@ -265,6 +285,12 @@ class Backend(ABC):
             dist.destroy_process_group()
 
 
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer's step takes a `found_inf` flag (torch's fused Adam / AdamW / SGD, the flag GradScaler
+    uses): its kernel then skips a flagged update on the device, weights, moments and step count untouched."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
 def apply_if_finite(
     backend: Backend,
     optimizer: torch.optim.Optimizer,
@@ -272,20 +298,37 @@ def apply_if_finite(
     flags: dict[str, torch.Tensor],
     step: Callable[[], Any],
 ) -> StepResult:
-    """Run `step` (the optimizer's update) only when `flags` and the gradient norm are finite on every rank.
+    """The optimizer's update, applied only when `flags` and the gradient norm are finite on every rank.
 
-    A step that raises an overflow (a learning rate too large for the optimizer's float arithmetic) is reported as
-    a non-finite update that may have touched the optimizer state, so the run stops."""
-    bad = backend.non_finite({**flags, "gradient_norm": ~torch.isfinite(grad_norm)})
-    if bad:
-        return StepResult(grad_norm, bad, applied=False)
+    With an optimizer that skips on the device (`skips_on_device`), the verdict never leaves the device: it goes into
+    the fused kernel as `found_inf`, and `StepResult.applied` is a device flag for the center and teacher updates. Any
+    other optimizer (LARS, torch's for-loop / foreach kernels) needs it on the host first: one read per step, then
+    `step` (the backend's update, e.g. through its GradScaler). An update that raises an overflow (an lr too large
+    for the optimizer's float arithmetic) is reported as a failure that may have touched the optimizer state."""
+    names, vector = backend.reduce_flags({**flags, "gradient_norm": ~torch.isfinite(grad_norm)})
+    expected = ("gradient_norm",) if backend.skips_non_finite_steps else ()
+    quantities = vector[: len(names) - (STOP_REQUESTED in names)]  # a view: no index tensor to copy to the device
     try:
+        if skips_on_device(optimizer):
+            finite = quantities.amax() == 0
+            optimizer.found_inf = (~finite).float()  # type: ignore[attr-defined]
+            optimizer.grad_scale = None  # type: ignore[attr-defined]  # gradients are already unscaled
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf, optimizer.grad_scale  # type: ignore[attr-defined]
+            return StepResult(grad_norm, names, vector, applied=finite, expected=expected)
+        values = vector.tolist()  # the one host read of a step with such an optimizer
+        if any(values[: len(quantities)]):
+            return StepResult(grad_norm, names, torch.tensor(values), applied=False, expected=expected)
         step()
     except RuntimeError as error:
         if "overflow" not in str(error).lower():
             raise
-        return StepResult(grad_norm, [f"optimizer update ({error})"], applied=False, recoverable=False)
-    return StepResult(grad_norm, [])
+        return StepResult(
+            grad_norm, names, vector, applied=False, recoverable=False, failure=f"optimizer update ({error})"
+        )
+    return StepResult(grad_norm, names, torch.tensor(values), expected=expected)
 
 
 # --- gradient clipping shared by the backends ---------------------------------------------------------------------
@@ -526,11 +569,12 @@ def load_named_optimizer_state(
             f"{source}: optimizer state does not match the student (missing {missing[:5]}, unexpected "
             f"{unexpected[:5]}); was it written for another model?"
         )
-    optimizer.load_state_dict(
-        {
-            "state": {position[name]: value for name, value in named["state"].items()},
-            "param_groups": [
-                {**group, "params": [position[name] for name in group["params"]]} for group in named["param_groups"]
-            ],
-        }
-    )
+    with kernel_kept(optimizer):
+        optimizer.load_state_dict(
+            {
+                "state": {position[name]: value for name, value in named["state"].items()},
+                "param_groups": [
+                    {**group, "params": [position[name] for name in group["params"]]} for group in named["param_groups"]
+                ],
+            }
+        )

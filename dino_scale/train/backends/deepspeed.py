@@ -27,6 +27,7 @@ import logging
 import os
 import warnings
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +158,7 @@ class DeepSpeedBackend(Backend):
     def prepare(self, student: nn.Module) -> nn.Module:
         student = sync_batch_norm(student, self.device)
         self._student = student.to(self.device)
-        optimizer = self._optimizer = create_optimizer(student, self.cfg.optim)
+        optimizer = self._optimizer = create_optimizer(student, self.cfg.optim, self.device, fused_by_default=False)
         names = {id(p): name for name, p in student.named_parameters()}
         self._group_names = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
         try:
@@ -228,24 +229,30 @@ class DeepSpeedBackend(Backend):
             drop_gradients(last_layer_parameters(self.student))  # our AdamW skips it, as in official DINO
         if own_norm is not None:
             flags = {**flags, "gradient_norm": ~torch.isfinite(own_norm)}
-        bad = self.non_finite(flags)  # before the engine's step, which would apply them
+        # Read at once (before the engine's step, which would apply them): DeepSpeed's step reads its own overflow
+        # and norm on the host every step anyway, so a deferred verdict would save nothing here.
+        names, vector = self.reduce_flags(flags)
+        values = torch.tensor(vector.tolist())
+        expected = ("gradient_norm",) if self.skips_non_finite_steps else ()
+        result = StepResult(torch.tensor(float("nan")), names, values, expected=expected)
+        bad = result.verdict(values.tolist())[0]
         if bad and not self.cfg.fp16:
-            nan = torch.tensor(float("nan"))
-            return StepResult(own_norm if own_norm is not None else nan, bad, applied=False, recoverable=False)
+            norm = own_norm if own_norm is not None else result.grad_norm
+            return replace(result, grad_norm=norm, applied=False, recoverable=False)
         self.engine.step()
         if freeze_last_layer and not self._plain_zero0 and self._resets_last_layer:
             self._reset_last_layer_state()
-        if own_norm is not None:
-            return StepResult(own_norm.detach(), bad, applied=not bad)  # fp16 `bad`: the loss scaler skipped it
+        if own_norm is not None:  # fp16 `bad`: the loss scaler skipped it
+            return replace(result, grad_norm=own_norm.detach(), applied=not bad)
         norm = self.engine.get_global_grad_norm()
         if norm is None:
             raise RuntimeError("DeepSpeed reported no gradient norm for this step")
         grad_norm = torch.as_tensor(float(norm))
         if bad:  # fp16: the loss scaler saw the overflow and skipped the update
-            return StepResult(grad_norm, bad, applied=False)
+            return replace(result, grad_norm=grad_norm, applied=False)
         if not self.cfg.fp16 and not bool(torch.isfinite(grad_norm)):  # a host float already: no extra sync
-            return StepResult(grad_norm, ["gradient_norm"], applied=False, recoverable=False)
-        return StepResult(grad_norm, [])
+            return replace(result, grad_norm=grad_norm, applied=False, recoverable=False, failure="gradient_norm")
+        return replace(result, grad_norm=grad_norm)
 
     def _last_layer_partitions(self) -> list[torch.Tensor]:
         """The tensors DeepSpeed's inner (torch) optimizer steps for the head's last layer: the fp32 flat partitions

@@ -75,6 +75,7 @@ from dino_scale.train.checkpoint import IncompatibleCheckpoint, one_line
 from dino_scale.train.optim import (
     LAST_LAYER_PREFIX,
     create_optimizer,
+    kernel_kept,
     last_layer_parameters,
     set_hyperparameters,
 )
@@ -181,7 +182,7 @@ class FSDPBackend(Backend):
         fully_shard(student, **options)
         self._student = student
         self._groups = self._weight_groups(student, [name for name, _ in units])
-        self.optimizer = create_optimizer(student, self.cfg.optim)  # after sharding: over the DTensor shards
+        self.optimizer = create_optimizer(student, self.cfg.optim, self.device)  # after sharding: the DTensor shards
         log.info(
             "fsdp: %d units + root on %d process(es), compute dtype %s",
             len(units),
@@ -297,7 +298,8 @@ class FSDPBackend(Backend):
             raise CheckpointError(f"{path}: cannot load the FSDP checkpoint: {one_line(error)}") from error
         set_model_state_dict(self.student, sharded["model"])
         options = StateDictOptions(strict=not fresh)
-        set_optimizer_state_dict(self.student, self.optimizer, sharded["optimizer"], options=options)
+        with kernel_kept(self.optimizer):
+            set_optimizer_state_dict(self.student, self.optimizer, sharded["optimizer"], options=options)
         self._forget_state(fresh)
 
     def _forget_state(self, names: list[str]) -> None:
@@ -334,7 +336,8 @@ class FSDPBackend(Backend):
         try:
             set_model_state_dict(self.student, portable["student"], options=options)
             optimizer_options = dataclasses.replace(options, strict=not fresh)
-            set_optimizer_state_dict(self.student, self.optimizer, portable["optimizer"], options=optimizer_options)
+            with kernel_kept(self.optimizer):
+                set_optimizer_state_dict(self.student, self.optimizer, portable["optimizer"], options=optimizer_options)
         except (RuntimeError, KeyError, ValueError) as error:
             raise CheckpointError(
                 f"{path}: its student / optimizer state does not fit this model and optimizer: {one_line(error)}"

@@ -62,7 +62,7 @@ class LocalBackend(Backend):
 
     def prepare(self, student: nn.Module) -> nn.Module:
         self._student = student.to(self.device)
-        self.optimizer = create_optimizer(student, self.cfg.optim)
+        self.optimizer = create_optimizer(student, self.cfg.optim, self.device)
         return student
 
     def backward(self, loss: torch.Tensor, sync_gradients: bool) -> None:

@@ -172,7 +172,27 @@ def test_non_finite_gradient_skips_the_step_and_leaves_everything() -> None:
     result = step(backend, model, grads, freeze=False)["result"]
     assert not result.applied and result.non_finite == ["gradient_norm"]
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    assert backend.optimizer is not None and not backend.optimizer.state
+    # The fused kernel (the default) skips on the device: the state it allocates is a fresh one (zero moments and
+    # step count); the for-loop kernel is not even called.
+    assert backend.optimizer is not None
+    for state in backend.optimizer.state.values():
+        assert all(not torch.is_tensor(value) or not value.any() for value in state.values()), state
+
+
+@pytest.mark.parametrize("implementation", ["fused", "for_loop"])
+def test_a_dropped_step_is_the_same_with_either_optimizer_kernel(implementation: str) -> None:
+    backend, model = make_backend(f"optim.implementation={implementation}")
+    grads = hand_made_gradients()
+    first = step(backend, model, grads, freeze=False)["result"]
+    after_first = {n: p.detach().clone() for n, p in model.named_parameters()}
+    moments = {id(p): s["exp_avg"].clone() for p, s in backend.optimizer.state.items()}
+    grads["backbone.a.bias"][0] = float("inf")
+    dropped = step(backend, model, grads, freeze=False)["result"]
+    assert bool(first.applied) and not bool(dropped.applied)
+    assert all(torch.equal(p, after_first[n]) for n, p in model.named_parameters())
+    for parameter, state in backend.optimizer.state.items():
+        assert torch.equal(state["exp_avg"], moments[id(parameter)])
+        assert float(state["step"]) == 1.0  # the dropped step is not counted in Adam's bias correction
 
 
 def test_pieces_of_each_gradient_clip_as_the_whole() -> None:
