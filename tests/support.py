@@ -4,11 +4,14 @@ briefly trained tiny runs and an official-style checkpoint."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -52,6 +55,24 @@ def gradient_photo(width: int = 60, height: int = 45, seed: int = 0) -> Image.Im
 def noise_image(width: int = 128, height: int = 96, seed: int = 0) -> Image.Image:
     """Uniform RGB noise: incompressible, so every byte of its encoding matters."""
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def striped_photo(width: int, height: int, seed: int, periods: tuple[float, float] = (10.0, 60.0)) -> Image.Image:
+    """Stripes (sine periods drawn from `periods`, in units of 2 pi px), a ramp and pixel noise: detail that a
+    reduced JPEG decode does not keep exactly and IDCT differences show in."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    p = rng.uniform(*periods, 3)
+    img = np.stack(
+        [
+            128 + 100 * np.sin(xx / p[0]) * np.cos(yy / p[1]),
+            128 + 90 * np.sin((xx + yy) / p[2]),
+            40 + 150 * xx / width,
+        ],
+        axis=-1,
+    )
+    img += rng.normal(0.0, 8.0, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
 # --- tensors, processes ---------------------------------------------------------------------------------------
@@ -160,3 +181,13 @@ def official_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         path,
     )
     return backbone
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """A script of benchmarks/ (not a package) imported as a module, e.g. load_benchmark("backends")."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module

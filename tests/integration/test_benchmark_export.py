@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
-from support import REPO
-
-SCRIPT = REPO / "benchmarks" / "export_throughput.py"
+from support import load_benchmark
 
 
 def test_export_throughput_reports_eager_and_onnxruntime(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("export_throughput", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    script = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = script
-    spec.loader.exec_module(script)
+    script = load_benchmark("export_throughput")
     tiny = {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
     out = tmp_path / "results.json"
     script.main([

@@ -3,30 +3,15 @@ and one tiny end-to-end run of all three variants and both kinds of figures."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
-from support import REPO, photo
+from support import load_benchmark, photo
 from torch import nn
 
-SCRIPT = REPO / "benchmarks" / "train_throughput.py"
-
-
-def _load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_train_throughput", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_script()
+bench = load_benchmark("train_throughput")
 
 
 class _Params(nn.Module):

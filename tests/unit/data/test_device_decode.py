@@ -14,6 +14,7 @@ import torch
 import torchvision.io
 import webdataset as wds
 from PIL import Image
+from support import striped_photo
 
 from dino_scale.data.augment import MultiCropAugmentation
 from dino_scale.data.decode import EncodedJpeg, decode_image, decodes_on_device, read_jpeg_header
@@ -23,23 +24,7 @@ from dino_scale.errors import InputError
 
 AUG = MultiCropAugmentation(global_size=64, local_size=32, n_local=2)
 BATCH, STEPS = 4, 2
-
-
-def detailed_photo(width: int, height: int, seed: int) -> Image.Image:
-    """Stripes, a ramp and pixel noise: enough detail for IDCT differences to show."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    periods = rng.uniform(3.0, 30.0, 3)
-    img = np.stack(
-        [
-            128 + 100 * np.sin(xx / periods[0]) * np.cos(yy / periods[1]),
-            128 + 90 * np.sin((xx + yy) / periods[2]),
-            40 + 150 * xx / width,
-        ],
-        axis=-1,
-    )
-    img += rng.normal(0.0, 8.0, img.shape)
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+FINE = (3.0, 30.0)  # stripe periods fine enough for IDCT differences to show
 
 
 def jpeg(image: Image.Image, orientation: int | None = None) -> bytes:
@@ -65,14 +50,14 @@ SKIPPED = {"cut"}  # truncated: found and counted by the worker, as without the 
 
 @pytest.fixture(scope="module")
 def shard(tmp_path_factory: pytest.TempPathFactory) -> str:
-    small = jpeg(detailed_photo(400, 300, 1))
+    small = jpeg(striped_photo(400, 300, 1, periods=FINE))
     files = {
-        "big": ("jpg", jpeg(detailed_photo(1600, 1200, 0))),
+        "big": ("jpg", jpeg(striped_photo(1600, 1200, 0, periods=FINE))),
         "small": ("jpg", small),
-        "rot6": ("jpg", jpeg(detailed_photo(640, 480, 2), orientation=6)),
-        "grey": ("jpg", jpeg(detailed_photo(300, 200, 3).convert("L"))),
-        "png": ("png", png(detailed_photo(320, 240, 4))),
-        "cmyk": ("jpg", jpeg(detailed_photo(240, 180, 5).convert("CMYK"))),
+        "rot6": ("jpg", jpeg(striped_photo(640, 480, 2, periods=FINE), orientation=6)),
+        "grey": ("jpg", jpeg(striped_photo(300, 200, 3, periods=FINE).convert("L"))),
+        "png": ("png", png(striped_photo(320, 240, 4, periods=FINE))),
+        "cmyk": ("jpg", jpeg(striped_photo(240, 180, 5, periods=FINE).convert("CMYK"))),
         "trailing": ("jpg", small + b"camera data after the image"),
         "cut": ("jpg", small[: len(small) // 2]),
     }
@@ -145,7 +130,7 @@ def test_resume_gives_the_uninterrupted_batches(shard: str, num_workers: int) ->
 
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_every_exif_orientation_comes_out_as_pil_shows_it(orientation: int) -> None:
-    data = jpeg(detailed_photo(48, 32, orientation), orientation=orientation)
+    data = jpeg(striped_photo(48, 32, orientation, periods=FINE), orientation=orientation)
     header = read_jpeg_header(data)
     assert header is not None and header.orientation == orientation and decodes_on_device(data, header)
     (image,) = decode_jpegs([None], [EncodedJpeg.from_bytes(data, header)], ["k"], "cpu")
@@ -157,7 +142,10 @@ def test_every_exif_orientation_comes_out_as_pil_shows_it(orientation: int) -> N
 def test_a_jpeg_the_device_refuses_is_decoded_by_pil_and_one_pil_refuses_is_named(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    good, refused = jpeg(detailed_photo(64, 48, 0)), jpeg(detailed_photo(60, 40, 1))
+    good, refused = (
+        jpeg(striped_photo(64, 48, 0, periods=FINE)),
+        jpeg(striped_photo(60, 40, 1, periods=FINE)),
+    )
     real = torchvision.io.decode_jpeg
 
     def picky_decode_jpeg(inputs: list[torch.Tensor], **kwargs: object) -> list[torch.Tensor]:

@@ -12,6 +12,7 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
+from support import striped_photo
 
 from dino_scale.data.augment import MultiCropAugmentation, ViewParams, choose_dct_reduction, reduced_view_params
 from dino_scale.data.decode import dct_reduced_size, decode_image, read_jpeg_header
@@ -22,23 +23,6 @@ AUG = MultiCropAugmentation(global_size=224, local_size=96, n_local=2)  # DINO's
 BATCH, STEPS = 4, 2
 # Upright (width, height) of each picture; "rot6" is stored 1200x900 with EXIF orientation 6 (rotate 90 clockwise).
 UPRIGHT = {"big": (1600, 1200), "small": (400, 300), "rot6": (900, 1200), "png": (500, 400)}
-
-
-def detailed_photo(width: int, height: int, seed: int) -> Image.Image:
-    """Stripes (periods of 45-270 px), a ramp and pixel noise: detail that a reduced decode does not keep exactly."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    periods = rng.uniform(10.0, 60.0, 3)
-    img = np.stack(
-        [
-            128 + 100 * np.sin(xx / periods[0]) * np.cos(yy / periods[1]),
-            128 + 90 * np.sin((xx + yy) / periods[2]),
-            40 + 150 * xx / width,
-        ],
-        axis=-1,
-    )
-    img += rng.normal(0.0, 8.0, img.shape)
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
 def encode(image: Image.Image, fmt: str = "JPEG", orientation: int | None = None) -> bytes:
@@ -57,10 +41,10 @@ def encode(image: Image.Image, fmt: str = "JPEG", orientation: int | None = None
 def shard(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One shard, two samples (different keys, so different views) of each picture: 2 batches of 4."""
     files = {
-        "big": ("jpg", encode(detailed_photo(1600, 1200, 0))),
-        "small": ("jpg", encode(detailed_photo(400, 300, 1))),
-        "rot6": ("jpg", encode(detailed_photo(1200, 900, 2), orientation=6)),
-        "png": ("png", encode(detailed_photo(500, 400, 3), "PNG")),
+        "big": ("jpg", encode(striped_photo(1600, 1200, 0))),
+        "small": ("jpg", encode(striped_photo(400, 300, 1))),
+        "rot6": ("jpg", encode(striped_photo(1200, 900, 2), orientation=6)),
+        "png": ("png", encode(striped_photo(500, 400, 3), "PNG")),
     }
     path = tmp_path_factory.mktemp("reduced") / "shard-000000.tar"
     with wds.TarWriter(str(path)) as sink:
@@ -106,10 +90,10 @@ def test_boxes_move_by_the_stated_rounding_and_the_reduction_is_the_largest_that
     assert choose_dct_reduction([view((0, 0, 300, 400), 96)], 300, 400) == 1  # 150 >= 96, 75 is not
     assert choose_dct_reduction([view((0, 0, 7, 7), 1)], 7, 7) == 2  # both sides need >= 2^k pixels: 7 < 8
 
-    data = encode(detailed_photo(1600, 1200, 0))
+    data = encode(striped_photo(1600, 1200, 0))
     for k in range(4):
         assert decode_image(data, dct_reduction=k).size == (dct_reduced_size(1600, k), dct_reduced_size(1200, k))
-    png = encode(detailed_photo(50, 40, 0), "PNG")
+    png = encode(striped_photo(50, 40, 0), "PNG")
     assert decode_image(png, dct_reduction=2).size == (50, 40)  # other formats: full size
     with pytest.raises(InputError, match="not both"):
         decode_image(data, draft_size=100, dct_reduction=1)
@@ -118,12 +102,12 @@ def test_boxes_move_by_the_stated_rounding_and_the_reduction_is_the_largest_that
 
 
 def test_header_gives_the_upright_size() -> None:
-    rot6 = encode(detailed_photo(1200, 900, 2), orientation=6)
+    rot6 = encode(striped_photo(1200, 900, 2), orientation=6)
     header = read_jpeg_header(rot6)
     assert header is not None
     assert (header.width, header.height, header.orientation) == (900, 1200, 6)
     assert decode_image(rot6).size == (900, 1200)
-    assert read_jpeg_header(encode(detailed_photo(50, 40, 0), "PNG")) is None
+    assert read_jpeg_header(encode(striped_photo(50, 40, 0), "PNG")) is None
 
 
 def test_same_draws_boxes_moved_and_small_images_untouched_on_the_device_path(shard: str) -> None:
@@ -203,7 +187,7 @@ def test_resume_gives_the_uninterrupted_batches(shard: str, render_on_device: bo
 
 
 def test_unreadable_jpegs_are_still_skipped_and_counted(tmp_path: Path) -> None:
-    good = encode(detailed_photo(400, 300, 1))
+    good = encode(striped_photo(400, 300, 1))
     path = tmp_path / "shard-000000.tar"
     with wds.TarWriter(str(path)) as sink:
         sink.write({"__key__": "good", "jpg": good})
