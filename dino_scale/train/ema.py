@@ -8,6 +8,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+EMA_CHUNK = 16
+"""Parameters updated per foreach call of the EMA: bounds its temporary to ~16 tensors (a few blocks' worth)."""
+
 
 @torch.no_grad()
 def update_teacher(
@@ -32,8 +35,11 @@ def update_teacher(
     for group in student_weight_groups:
         targets = [teacher_parameters[name] for name, _ in group]
         sources = [weight.detach().to(target.dtype) for (_, weight), target in zip(group, targets, strict=True)]
-        torch._foreach_mul_(targets, keep)
-        torch._foreach_add_(targets, torch._foreach_mul(sources, share))
+        # The student's share is a temporary copy: made EMA_CHUNK tensors at a time, not the whole group at once.
+        for start in range(0, len(targets), EMA_CHUNK):
+            chunk = targets[start : start + EMA_CHUNK]
+            torch._foreach_mul_(chunk, keep)
+            torch._foreach_add_(chunk, torch._foreach_mul(sources[start : start + EMA_CHUNK], share))
 
 
 def teacher_digest(teacher: nn.Module) -> str:
