@@ -218,7 +218,8 @@ class Backend(ABC):
         maximum over processes (one collective, no host read), STOP_REQUESTED moved last. Every rank gets the same
         vector, so all of them drop the same steps."""
         names = tuple(sorted(flags, key=lambda name: name == STOP_REQUESTED))
-        vector = torch.stack([flags[name].to(self.device, torch.float32) for name in names])
+        # non_blocking: a host flag (the preemption request) must not wait for the device's queue on its way there.
+        vector = torch.stack([flags[name].to(self.device, torch.float32, non_blocking=True) for name in names])
         if self.distributed:
             dist.all_reduce(vector, op=dist.ReduceOp.MAX)
         return names, vector

@@ -232,10 +232,10 @@ class DeepSpeedBackend(Backend):
         # Read at once (before the engine's step, which would apply them): DeepSpeed's step reads its own overflow
         # and norm on the host every step anyway, so a deferred verdict would save nothing here.
         names, vector = self.reduce_flags(flags)
-        values = torch.tensor(vector.tolist())
+        values = vector.tolist()
         expected = ("gradient_norm",) if self.skips_non_finite_steps else ()
-        result = StepResult(torch.tensor(float("nan")), names, values, expected=expected)
-        bad = result.verdict(values.tolist())[0]
+        result = StepResult(torch.tensor(float("nan")), names, torch.tensor(values), expected=expected)
+        bad = result.verdict(values)[0]
         if bad and not self.cfg.fp16:
             norm = own_norm if own_norm is not None else result.grad_norm
             return replace(result, grad_norm=norm, applied=False, recoverable=False)
