@@ -115,7 +115,7 @@ class NonFiniteWatch:
     """Device-side flags of the quantities that went NaN / inf during one optimizer step's micro-batches.
 
     `observe` only queues tensor ops (no host synchronisation); `take` hands the flags to the backend, which checks
-    them with the gradient norm once per optimizer step, before the update (one collective, one host read).
+    them with the gradient norm once per optimizer step, before the update (one collective; read at log steps).
     """
 
     def __init__(self) -> None:
