@@ -66,6 +66,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dino_scale.io import atomic_write_json
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OOM_MARKERS = ("out of memory", "outofmemoryerror", "cublas_status_alloc_failed", "can't allocate memory")
 TAIL_LINES = 25
@@ -761,8 +763,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(f"\nrun directories kept in {work_dir}")
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        atomic_write_json(args.json, report)  # its folder made, indented, a final newline
         print(f"\nwrote {args.json}")
     return report
 

@@ -83,6 +83,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dino_scale.io import atomic_write_json
+
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
 if str(HERE) not in sys.path:  # augment_throughput.py sits beside this file (also when loaded by a test)
@@ -920,8 +922,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print()
     print_commands()
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        atomic_write_json(args.json, report)  # its folder made, indented, a final newline
         print(f"\nwrote {args.json}")
     return report
 

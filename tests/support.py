@@ -131,23 +131,26 @@ def run_ranks(
 # --- runs, checkpoints, exports ---------------------------------------------------------------------------------
 
 
+def sample_config(run_dir: Path, *overrides: str, recipe: str = "tiny-test.json") -> Any:
+    """A recipe (TrainConfig) training on the sample shards into `run_dir`, with `--set`-style overrides."""
+    from dino_scale.config import load_config
+
+    sets = [f"data.train_shards={json.dumps(SAMPLE_TRAIN)}", f"output_dir={json.dumps(str(run_dir))}", *overrides]
+    return load_config(recipe, sets)
+
+
+def step_records(run_dir: Path) -> list[dict]:
+    """A run's per-step metrics records (the final ones carry an "event" key instead)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "event" not in r]
+
+
 def brief_run(root: Path, recipe: str, *overrides: str) -> Path:
     """Train a recipe for a few steps on the sample shards; returns the run directory."""
-    from dino_scale.config import load_config
     from dino_scale.train.loop import train
 
     run_dir = root / Path(recipe).stem
-    cfg = load_config(
-        recipe,
-        [
-            f"data.train_shards={json.dumps(SAMPLE_TRAIN)}",
-            f"output_dir={json.dumps(str(run_dir))}",
-            "data.samples_per_epoch=16",
-            "epochs=2",
-            *overrides,
-        ],
-    )
-    train(cfg)
+    train(sample_config(run_dir, "data.samples_per_epoch=16", "epochs=2", *overrides, recipe=recipe))
     return run_dir
 
 

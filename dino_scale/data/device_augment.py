@@ -57,7 +57,6 @@ import logging
 import warnings
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as tnf
 from torchvision.transforms.v2 import functional as tvf
@@ -72,6 +71,7 @@ from dino_scale.data.augment import (
     ViewParams,
     blur_weights,
     blur_where,
+    pil_to_channels_last,
     reflect_shift_matrices,
     round_to_uint8,
 )
@@ -168,7 +168,7 @@ def _host_decode(enc: EncodedJpeg, key: str, device: torch.device) -> torch.Tens
             f"sample {key}: PIL decodes this JPEG to {image.height}x{image.width} (upright), but its header read "
             f"{enc.height}x{enc.width}, which its views were drawn for"
         )
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1).to(device)
+    return pil_to_channels_last(image)[0].to(device)  # the CHW view of the workers' pixels
 
 
 def render_batch(

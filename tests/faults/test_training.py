@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import REPO, SAMPLE_TRAIN
+from support import REPO, sample_config, step_records
 
 from dino_scale import run_dir as layout
-from dino_scale.config import load_config
 from dino_scale.errors import CollapseError, ConfigError, InputError, NonFiniteError
 from dino_scale.io import load_checkpoint
 from dino_scale.models.dino import MultiCropWrapper
@@ -26,21 +25,7 @@ pytestmark = pytest.mark.slow
 
 
 def tiny(run_dir: Path, *overrides: str):
-    return load_config(
-        "tiny-test.json",
-        [
-            f"data.train_shards={json.dumps(SAMPLE_TRAIN)}",
-            f"output_dir={json.dumps(str(run_dir))}",
-            "data.samples_per_epoch=32",
-            "epochs=3",
-            *overrides,
-        ],
-    )
-
-
-def step_records(run_dir: Path) -> list[dict]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if "event" not in r]
+    return sample_config(run_dir, "data.samples_per_epoch=32", "epochs=3", *overrides)
 
 
 def poison_student_at(monkeypatch: pytest.MonkeyPatch, steps: set[int]) -> None:

@@ -13,7 +13,7 @@ import timm
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from support import REPO, SAMPLE_TRAIN
+from support import REPO, SAMPLE_TRAIN, sample_config, step_records
 
 from dino_scale import run_dir as layout
 from dino_scale.cli import main as cli
@@ -25,20 +25,7 @@ from dino_scale.train.loop import train
 
 
 def tiny(tmp_path: Path, *overrides: str):
-    return load_config(
-        "tiny-test.json",
-        [
-            f"data.train_shards={json.dumps(SAMPLE_TRAIN)}",
-            f"output_dir={json.dumps(str(tmp_path))}",
-            *overrides,
-        ],
-    )
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The per-step records (final records carry an "event" key instead)."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if "event" not in r]
+    return sample_config(tmp_path, *overrides)
 
 
 # samples_per_epoch=32 with micro batch 8 -> 4 steps per epoch, so 6 steps cross an epoch boundary.
@@ -53,8 +40,8 @@ def test_resume_gives_the_same_next_steps_as_an_uninterrupted_run(tmp_path: Path
     assert layout.find_latest_checkpoint(interrupted).name == "step_00000003.pt"
     train(tiny(interrupted, *SHORT, "max_steps=6"), resume=True)
 
-    straight_losses = {m["step"]: m["loss"] for m in read_metrics(straight) if "loss" in m}
-    resumed_losses = {m["step"]: m["loss"] for m in read_metrics(interrupted) if "loss" in m}
+    straight_losses = {m["step"]: m["loss"] for m in step_records(straight) if "loss" in m}
+    resumed_losses = {m["step"]: m["loss"] for m in step_records(interrupted) if "loss" in m}
     assert sorted(resumed_losses) == [1, 2, 3, 4, 5, 6]
     for step in (4, 5, 6):  # step 4 is the first after the resume; 5 crosses into epoch 1
         assert resumed_losses[step] == straight_losses[step], step
@@ -66,7 +53,7 @@ def test_resume_gives_the_same_next_steps_as_an_uninterrupted_run(tmp_path: Path
 def test_run_directory_contract(tmp_path: Path) -> None:
     cfg = tiny(tmp_path, *SHORT, "max_steps=4")
     train(cfg)
-    records = read_metrics(tmp_path)
+    records = step_records(tmp_path)
     required = {
         "step",
         "epoch",
@@ -143,7 +130,7 @@ def test_corrupt_sample_is_skipped_counted_and_training_goes_on(tmp_path: Path, 
         ],
     )
     train(cfg)  # 24 samples (one of them broken) -> exactly 3 steps of 8 that read every sample once
-    records = read_metrics(run_dir)
+    records = step_records(run_dir)
     assert records[-1]["step"] == 3
     assert records[-1]["skipped_samples"] == 1
     assert "skipped 1 unreadable sample(s): broken" in caplog.text  # the key is logged
@@ -180,7 +167,7 @@ def test_demo_recipe_loss_falls_and_teacher_beats_random_init_on_knn(tmp_path: P
     ]
     cfg = load_config("demo.json", repo_paths)
     final = train(cfg)
-    losses = [r["loss"] for r in read_metrics(tmp_path) if "loss" in r]
+    losses = [r["loss"] for r in step_records(tmp_path) if "loss" in r]
     assert len(losses) == cfg.max_steps // cfg.log_every
     assert sum(losses[-3:]) / 3 < losses[0] - 0.5
     assert final["knn_top1_teacher"] > final["knn_top1_random_init"] + 3.0, final

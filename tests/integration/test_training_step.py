@@ -4,7 +4,6 @@ recompiles, and timm's fused SDPA attention on."""
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from support import SAMPLE_TRAIN
+from support import sample_config, step_records
 
 from dino_scale.config import load_config
 from dino_scale.devices import HostReadCounter
@@ -27,17 +26,8 @@ LOG_EVERY = 4
 
 
 def tiny(run_dir: Path, *overrides: str):
-    return load_config(
-        "tiny-test.json",
-        [
-            f"data.train_shards={json.dumps(SAMPLE_TRAIN)}",
-            f"output_dir={json.dumps(str(run_dir))}",
-            "data.samples_per_epoch=64",  # 8 steps per epoch: no epoch boundary (and no worker restart) in the count
-            "max_steps=8",
-            f"log_every={LOG_EVERY}",
-            *overrides,
-        ],
-    )
+    # 8 steps per epoch: no epoch boundary (and no worker restart) in the count
+    return sample_config(run_dir, "data.samples_per_epoch=64", "max_steps=8", f"log_every={LOG_EVERY}", *overrides)
 
 
 def reads_per_step(monkeypatch: pytest.MonkeyPatch, cfg) -> dict[int, list[tuple[str, str]]]:
@@ -159,14 +149,7 @@ def test_compiled_backbones_build_one_graph_per_resolution_and_never_recompile(
     monkeypatch.setattr(StepMetrics, "step_done", real)
     eager = tmp_path / "eager"
     loop.train(tiny(eager, "max_steps=5"))
-    losses = [
-        [
-            record["loss"]
-            for record in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-            if "loss" in record
-        ]
-        for run in (compiled, eager)
-    ]
+    losses = [[record["loss"] for record in step_records(run)] for run in (compiled, eager)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
     names = [
         sorted(torch.load(next((run / "checkpoints").glob("*.pt")), weights_only=True)["student"])
