@@ -41,8 +41,13 @@ photo-like 500x375 JPEGs (augment_throughput.make_test_jpegs) written to a tempo
 ``data.train_images``, the official-style loop through ``ImageFolder``, so all three read the same files. One epoch
 is made as long as the run (``data.samples_per_epoch`` = batch x steps; the images repeat as needed), so no epoch
 boundary restarts a DataLoader mid-measurement; the head's last layer is therefore frozen (its gradients dropped)
-in every measured step of every variant unless ``--set optim.freeze_last_layer=0``. Precision: fp32 on a CPU, fp16
-autocast (+ loss scaling) on CUDA for all three (``--set deepspeed.torch_autocast=...`` changes (a) / (b) only).
+in every measured step of every variant unless ``--set optim.freeze_last_layer=0``.
+
+Precision (``--precision``): ``own`` (the default) runs each program as it trains by default on the device: (a) and (b)
+in the recipe's precision (configs/vits16.json: bf16 autocast; demo.json and tiny-test.json: fp32), (c) as official
+DINO does, fp16 autocast with loss scaling on CUDA and fp32 on a CPU (its autocast and scaler are CUDA-only).
+``matched`` runs (a) and (b) in (c)'s precision, so that only the data path and the step's code differ. The table
+names each figure's precision. ``--set deepspeed.torch_autocast=...`` changes (a) / (b) only.
 
 ``--set KEY=VALUE`` (repeatable) is passed to (a) and (b) last, so it wins (e.g. ``model.compile=true``,
 ``optim.implementation=fused``). The official-style loop builds its config from the same recipe and overrides, so
@@ -101,6 +106,7 @@ from augment_throughput import (  # noqa: E402
 VARIANTS = ("a_workers", "b_device", "c_official")
 LABELS = {"a_workers": "(a) ours, workers", "b_device": "(b) ours, device path", "c_official": "(c) official-style"}
 AUGMENT_ON = {"a_workers": "workers", "b_device": "device"}
+PRECISIONS = ("own", "matched")
 TAIL_LINES = 30
 IMAGE_SUBDIR = Path("images") / "synthetic"  # ImageFolder wants a class folder; data.train_images searches down
 
@@ -146,6 +152,7 @@ class Settings:
     batch: int | None = None  # None: the setup's
     images: int = 256
     device: str = "cpu"
+    precision: str = "own"  # one of PRECISIONS
     extra: tuple[str, ...] = ()
     log_every: int = 5
     data_seconds: float = 3.0
@@ -169,16 +176,30 @@ def resolve_recipe(recipe: str) -> str:
     return str(shipped) if shipped.is_file() else recipe
 
 
-def precision_overrides(device: str) -> list[str]:
-    """fp32 on a CPU (whatever the recipe says); fp16 autocast with loss scaling on CUDA, as official DINO."""
+def official_precision(device: str) -> str:
+    """How official DINO trains on ``device`` by default: fp16 autocast with loss scaling on CUDA; fp32 on a CPU, where
+    its ``torch.cuda.amp`` autocast and scaler do nothing."""
+    return "fp16 autocast" if device == "cuda" else "fp32"
+
+
+def precision_overrides(device: str, precision: str) -> list[str]:
+    """(a) / (b)'s precision items: none for ``own`` (the recipe's), ``matched``: :func:`official_precision`."""
+    if precision == "own":
+        return []
     off = '{"enabled": false}'
     autocast = '{"enabled": true, "dtype": "float16"}' if device == "cuda" else off
     return [f"deepspeed.bf16={off}", f"deepspeed.fp16={off}", f"deepspeed.torch_autocast={autocast}"]
 
 
+def precision_label(cfg: Any) -> str:
+    """A TrainConfig's forward precision in words: "fp32", "bf16 autocast", ..."""
+    dtype = cfg.autocast_dtype
+    return "fp32" if dtype is None else {"bfloat16": "bf16", "float16": "fp16"}[dtype] + " autocast"
+
+
 def common_overrides(setup: Setup, settings: Settings, images_dir: Path) -> list[str]:
     """Overrides shared by all three variants: the setup's, data, batch (one process, no accumulation), epoch length
-    = the run, logging every step, no checkpoint but the last, no k-NN, device and precision."""
+    = the run, logging every step, no checkpoint but the last, no k-NN, device."""
     batch = settings.batch_for(setup)
     return [
         *setup.overrides,
@@ -195,13 +216,26 @@ def common_overrides(setup: Setup, settings: Settings, images_dir: Path) -> list
         "checkpoint_every=1000000000",
         "eval.knn_train_shards=null",
         "eval.knn_val_shards=null",
-        *precision_overrides(settings.device),
     ]
 
 
 def ours_overrides(setup: Setup, settings: Settings, images_dir: Path, augment_on: str) -> list[str]:
-    """(a) / (b): the common overrides, data.augment_on, then the user's --set items (last: they win)."""
-    return [*common_overrides(setup, settings, images_dir), f"data.augment_on={augment_on}", *settings.extra]
+    """(a) / (b): the common overrides, the precision's, data.augment_on, then the user's --set items (last: they
+    win)."""
+    return [
+        *common_overrides(setup, settings, images_dir),
+        *precision_overrides(settings.device, settings.precision),
+        f"data.augment_on={augment_on}",
+        *settings.extra,
+    ]
+
+
+def ours_precision(setup: Setup, settings: Settings, images_dir: Path) -> str:
+    """The precision (a) and (b) train in: the recipe's, after the overrides."""
+    from dino_scale.config import load_config
+
+    overrides = ours_overrides(setup, settings, images_dir, "workers")
+    return precision_label(load_config(resolve_recipe(setup.recipe), overrides))
 
 
 def setup_config(setup: Setup, settings: Settings, images_dir: Path) -> Any:
@@ -670,11 +704,13 @@ def _cell(value: float | None, fmt: str) -> str:
 
 
 def markdown_table(setups: dict[str, dict[str, Any]]) -> str:
-    """| setup | kind | (a) | (b) | (c) | (a)/(c) | (b)/(c) | from the report's per-setup figures."""
+    """| setup | kind | crops | precision | (a) | (b) | (c) | (a)/(c) | (b)/(c) | from the report's per-setup figures
+    (the precision of the training rows: (a) and (b)'s / (c)'s)."""
     header = [
         "setup",
         "what",
         "crops / batch",
+        "precision: ours / official",
         "(a) ours, workers img/s",
         "(b) ours, device img/s",
         "(c) official-style img/s",
@@ -688,10 +724,12 @@ def markdown_table(setups: dict[str, dict[str, Any]]) -> str:
             figures = entry.get(kind)
             if not figures:
                 continue
+            precision = entry.get("precision") if kind == "train" else None
             row = [
                 name,
                 label,
                 entry.get("shape", ""),
+                f"{precision['ours']} / {precision['official']}" if precision else "-",
                 *(_cell(figures[v].get("img_per_s"), ".1f") for v in VARIANTS),
                 _cell(figures.get("ratio_a_c"), ".2f") + ("x" if figures.get("ratio_a_c") is not None else ""),
                 _cell(figures.get("ratio_b_c"), ".2f") + ("x" if figures.get("ratio_b_c") is not None else ""),
@@ -730,9 +768,11 @@ def describe_machine(info: dict[str, Any]) -> str:
 def example_commands() -> dict[str, list[str]]:
     """The command lines to run: CPU (2 cores) and one GPU."""
     script = "benchmarks/train_throughput.py"
+    cpu_base = f"OMP_NUM_THREADS=1 .venv/bin/python {script} --setups demo,vits-tiny --threads 1 --workers 2 "
+    cpu_base += "--steps 30 --warmup 5"
     cpu = [
-        f"OMP_NUM_THREADS=1 .venv/bin/python {script} --setups demo,vits-tiny --threads 1 --workers 2 "
-        "--steps 30 --warmup 5 --json train-throughput-cpu.json",
+        f"{cpu_base} --json train-throughput-cpu.json",
+        f"{cpu_base} --only train --precision matched --json train-throughput-cpu-matched.json",
     ]
     gpu_base = f"python {script} --device cuda --setups vits16 --batch 64 --steps 60 --warmup 20 --threads 4 "
     gpu_base += "--workers 10 --images 2048"
@@ -801,6 +841,10 @@ def run_benchmark(setups: Sequence[Setup], settings: Settings) -> dict[str, Any]
             if settings.only in (None, "data"):
                 entry["data"] = add_ratios(measure_data(setup, settings, jpegs, images_dir))
             if settings.only in (None, "train"):
+                entry["precision"] = {
+                    "ours": ours_precision(setup, settings, images_dir),
+                    "official": official_precision(settings.device),
+                }
                 entry["train"] = add_ratios(measure_train(setup, settings, images_dir, work_dir))
                 entry["train_commands"] = {v: [r["command"] for r in entry["train"][v]["rounds"]][:1] for v in VARIANTS}
             report["setups"][setup.name] = entry
@@ -837,6 +881,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", type=int, default=256, help="synthetic JPEGs written and read (256)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="training device (cpu)")
     parser.add_argument("--only", choices=["data", "train"], help="measure one kind of figure only")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="own",
+        help="own: (a) / (b) in the recipe's precision, (c) in official DINO's on the device; matched: (a) / (b) in "
+        "(c)'s (default own)",
+    )
     parser.add_argument("--log-every", type=int, default=5, help="log window of (a) / (b), and of (c)'s timing (5)")
     parser.add_argument("--data-seconds", type=float, default=3.0, help="seconds per data-only round (3)")
     parser.add_argument("--data-rounds", type=int, default=3, help="alternating data-only rounds (3)")
@@ -895,6 +946,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         batch=args.batch,
         images=args.images,
         device=args.device,
+        precision=args.precision,
         extra=tuple(args.extra),
         log_every=args.log_every,
         data_seconds=args.data_seconds,

@@ -31,6 +31,22 @@ def resolve_device(requested: str, local_rank: int | None = None) -> torch.devic
     return device
 
 
+def _native_cpu_kernels(dtype: str) -> bool:
+    """Whether this CPU's oneDNN has native kernels for ``dtype`` (bf16: AVX512-BF16 or AMX; fp16: AVX512-FP16 or
+    AMX-FP16); oneDNN's own check, as torch's inductor asks it."""
+    mkldnn = torch.ops.mkldnn
+    check = {"bfloat16": "_is_mkldnn_bf16_supported", "float16": "_is_mkldnn_fp16_supported"}[dtype]
+    return bool(getattr(mkldnn, check)())
+
+
+def autocast_is_emulated(device: torch.device, dtype: str | None) -> bool:
+    """Whether autocast to ``dtype`` ("bfloat16", "float16"; None: no autocast) runs emulated on ``device``: a CPU
+    without native kernels for it, where the low-precision matmuls are slower than fp32 ones. With them it pays: one
+    thread of the AVX512-BF16 EPYC here ran ViT-S/16's forward and backward (96 px, batch 16) in 0.35 s in bf16
+    autocast against 0.82 s in fp32 (benchmarks/RESULTS.md)."""
+    return dtype is not None and device.type == "cpu" and not _native_cpu_kernels(dtype)
+
+
 def available_cores() -> int:
     """CPU cores this process may run on (its affinity mask under SLURM / taskset / containers, else all)."""
     try:

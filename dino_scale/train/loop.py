@@ -26,7 +26,7 @@ from dino_scale.data.augment import MultiCropAugmentation
 from dino_scale.data.folders import survey_image_folder
 from dino_scale.data.loaders import TrainBatch, make_train_loader, renders_on_device, stable_seed
 from dino_scale.data.shards import expand_shards, survey_shards
-from dino_scale.devices import set_threads
+from dino_scale.devices import autocast_is_emulated, set_threads
 from dino_scale.errors import PREEMPTED_EXIT_STATUS, ConfigError, Preempted, blame
 from dino_scale.io import atomic_write_json, save_safetensors
 from dino_scale.models.backbones import fused_attention_layers
@@ -224,6 +224,13 @@ def build_networks(cfg: TrainConfig, backend: Backend) -> tuple[nn.Module, nn.Mo
         )
     elif layers:
         log.info("attention: torch's fused scaled_dot_product_attention in all %d layers", layers)
+    if autocast_is_emulated(backend.device, cfg.autocast_dtype):
+        log.warning(
+            "precision: %s on this CPU is emulated (no %s) and slower than fp32; set the recipe's deepspeed "
+            "precision block (torch_autocast, bf16 or fp16) to enabled=false to train in fp32",
+            cfg.autocast_dtype,
+            {"bfloat16": "AVX512-BF16 or AMX", "float16": "AVX512-FP16 or AMX-FP16"}[cfg.autocast_dtype],
+        )
     student_module = backend.prepare(student)
     teacher = backend.prepare_teacher(teacher)
     torch.manual_seed(stable_seed("train-rng", cfg.seed, 0, backend.rank))  # drop-path masks differ per rank

@@ -110,11 +110,12 @@ def test_table_has_ratios_against_the_official_loop_and_dashes_for_failures() ->
     )
     assert (data["ratio_a_c"], data["ratio_b_c"]) == (3.0, 1.5)
     assert train["ratio_b_c"] is None
-    table = bench.markdown_table({"demo": {"shape": "64/32 px", "data": data, "train": train}})
+    precision = {"ours": "bf16 autocast", "official": "fp32"}
+    table = bench.markdown_table({"demo": {"shape": "64/32 px", "precision": precision, "data": data, "train": train}})
     lines = table.splitlines()
     assert len(lines) == 4 and lines[0].startswith("| setup |")
-    assert lines[2] == "| demo | data path, 1 core | 64/32 px | 90.0 | 45.0 | 30.0 | 3.00x | 1.50x |"
-    assert lines[3] == "| demo | training, end to end | 64/32 px | 20.0 | - | 10.0 | 2.00x | - |"
+    assert lines[2] == "| demo | data path, 1 core | 64/32 px | - | 90.0 | 45.0 | 30.0 | 3.00x | 1.50x |"
+    assert lines[3] == "| demo | training, end to end | 64/32 px | bf16 autocast / fp32 | 20.0 | - | 10.0 | 2.00x | - |"
 
 
 def test_our_command_sets_threads_data_path_and_lets_user_overrides_win(tmp_path: Path) -> None:
@@ -127,10 +128,26 @@ def test_our_command_sets_threads_data_path_and_lets_user_overrides_win(tmp_path
     assert "log_every=5" in sets and "data.train_images=" + str(tmp_path / "img") in sets
     assert sets.index("data.num_workers=4") < sets.index("data.num_workers=9")  # the user's item comes last
     assert sets[-1] == "model.compile=true"
-    cpu = bench.common_overrides(bench.SETUPS["demo"], settings, tmp_path)
-    assert 'deepspeed.torch_autocast={"enabled": false}' in cpu
-    cuda = bench.common_overrides(bench.SETUPS["demo"], bench.Settings(device="cuda"), tmp_path)
-    assert 'deepspeed.torch_autocast={"enabled": true, "dtype": "float16"}' in cuda
+    assert not any("autocast" in item or "bf16" in item for item in sets)  # own precision: the recipe's
+
+
+@pytest.mark.parametrize(
+    ("setup", "device", "precision", "ours"),
+    [
+        ("vits-tiny", "cpu", "own", "bf16 autocast"),  # the recipe's torch_autocast block
+        ("demo", "cpu", "own", "fp32"),
+        ("vits-tiny", "cpu", "matched", "fp32"),  # official DINO's autocast is CUDA-only
+        ("vits-tiny", "cuda", "matched", "fp16 autocast"),
+    ],
+)
+def test_ours_train_in_the_recipes_precision_or_in_the_official_loops(
+    tmp_path: Path, setup: str, device: str, precision: str, ours: str
+) -> None:
+    settings = bench.Settings(device=device, precision=precision)
+    assert bench.ours_precision(bench.SETUPS[setup], settings, tmp_path) == ours
+    assert bench.official_precision(device) == ("fp16 autocast" if device == "cuda" else "fp32")
+    if precision == "matched":  # the same words as the official loop's
+        assert ours == bench.official_precision(device)
 
 
 def test_gpu_commands_use_the_full_size_vits16_setup() -> None:
@@ -162,5 +179,5 @@ def test_tiny_run_gives_positive_figures_for_every_variant_and_kind(tmp_path: Pa
         assert entry[kind]["ratio_a_c"] > 0 and entry[kind]["ratio_b_c"] > 0
     for variant in bench.VARIANTS:  # 3 steps logged one by one, the first left out
         assert entry["train"][variant]["rounds"][0]["steps_measured"] == 2, variant
-    assert "| tiny | training, end to end |" in report["table"]
+    assert "| tiny | training, end to end | 32/16 px, 2+2, batch 8 | fp32 / fp32 |" in report["table"]
     assert report["machine"]["cpu"]
