@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import random
 import socket
 import subprocess
 import sys
@@ -92,9 +93,31 @@ def set_key(obj: Any, path: tuple[Any, ...], value: Any = None, delete: bool = F
         obj[path[-1]] = value
 
 
+def _ephemeral_ports() -> range:
+    """The ports the kernel hands out to outgoing connections (Linux's ip_local_port_range; its default elsewhere)."""
+    try:
+        low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
 def free_port() -> int:
-    """A TCP port nobody listens on now (for a rendezvous of test processes)."""
-    with socket.socket() as sock:
+    """A TCP port nobody listens on now (for a rendezvous of test processes), below the ephemeral range where one can
+    be: a port handed out by bind(0) is an ephemeral one, and gloo's connections between ranks take ephemeral ports
+    too, so a port chosen ahead (launch_plan picks one per run of a plan) was once taken before its run listened on it
+    (EADDRINUSE in CI)."""
+    ephemeral = _ephemeral_ports()
+    candidates = list(range(max(ephemeral.start - 8000, 10000), ephemeral.start))
+    random.shuffle(candidates)
+    for port in candidates[:200]:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # no room below the range: any free port
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 

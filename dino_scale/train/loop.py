@@ -158,7 +158,8 @@ def stop_preempted(
     metrics.progress.close()
     metrics.close()
     # Every rank's part of the checkpoint is written; the process exits next, which releases the process group (its
-    # destroy made a signalled rank 1 abort at exit in gloo's teardown in 2 of 16 tries; 0 of 22 without).
+    # destroy made a signalled rank 1 abort at exit in gloo's teardown in 2 of 16 tries; 0 of 22 without), a gloo rank
+    # without the interpreter's teardown (dino_scale.train.command.leave_gloo_job).
     backend.barrier()
     raise Preempted(
         f"stopped by {signal_name} after step {state.step}: checkpoint {checkpoint}; continue with --resume "

@@ -284,7 +284,9 @@ class Backend(ABC):
         """The end of a run: every rank is done (a barrier). NCCL's group is destroyed, as torch asks; gloo's (CPU) is
         left to the process's exit, because destroying it raced with its threads at exit ("terminate called without
         an active exception", a rank aborting after the run was complete: seen on the preempted path in 2 of 16 tries
-        and once in a CI run of the two-process FSDP test; never without the destroy)."""
+        and once in a CI run of the two-process FSDP test). Not destroying it made that rarer, not impossible, so
+        `python -m dino_scale.train` also ends a gloo rank without the interpreter's teardown
+        (dino_scale.train.command.leave_gloo_job)."""
         if self.distributed:
             dist.barrier()
             if dist.get_backend() != "gloo":
