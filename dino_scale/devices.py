@@ -31,12 +31,16 @@ def resolve_device(requested: str, local_rank: int | None = None) -> torch.devic
     return device
 
 
+# Per autocast dtype: oneDNN's check for native CPU kernels (as torch's inductor asks it), and what the CPU needs.
+CPU_KERNELS = {
+    "bfloat16": ("_is_mkldnn_bf16_supported", "AVX512-BF16 or AMX"),
+    "float16": ("_is_mkldnn_fp16_supported", "AVX512-FP16 or AMX-FP16"),
+}
+
+
 def _native_cpu_kernels(dtype: str) -> bool:
-    """Whether this CPU's oneDNN has native kernels for ``dtype`` (bf16: AVX512-BF16 or AMX; fp16: AVX512-FP16 or
-    AMX-FP16); oneDNN's own check, as torch's inductor asks it."""
-    mkldnn = torch.ops.mkldnn
-    check = {"bfloat16": "_is_mkldnn_bf16_supported", "float16": "_is_mkldnn_fp16_supported"}[dtype]
-    return bool(getattr(mkldnn, check)())
+    """Whether this CPU's oneDNN has native kernels for ``dtype`` (what CPU_KERNELS names)."""
+    return bool(getattr(torch.ops.mkldnn, CPU_KERNELS[dtype][0])())
 
 
 def autocast_is_emulated(device: torch.device, dtype: str | None) -> bool:

@@ -26,7 +26,7 @@ from dino_scale.data.augment import MultiCropAugmentation
 from dino_scale.data.folders import survey_image_folder
 from dino_scale.data.loaders import TrainBatch, make_train_loader, renders_on_device, stable_seed
 from dino_scale.data.shards import expand_shards, survey_shards
-from dino_scale.devices import autocast_is_emulated, set_threads
+from dino_scale.devices import CPU_KERNELS, autocast_is_emulated, set_threads
 from dino_scale.errors import PREEMPTED_EXIT_STATUS, ConfigError, Preempted, blame
 from dino_scale.io import atomic_write_json, save_safetensors
 from dino_scale.models.backbones import fused_attention_layers
@@ -230,7 +230,7 @@ def build_networks(cfg: TrainConfig, backend: Backend) -> tuple[nn.Module, nn.Mo
             "precision: %s on this CPU is emulated (no %s) and slower than fp32; set the recipe's deepspeed "
             "precision block (torch_autocast, bf16 or fp16) to enabled=false to train in fp32",
             cfg.autocast_dtype,
-            {"bfloat16": "AVX512-BF16 or AMX", "float16": "AVX512-FP16 or AMX-FP16"}[cfg.autocast_dtype],
+            CPU_KERNELS[cfg.autocast_dtype][1],
         )
     student_module = backend.prepare(student)
     teacher = backend.prepare_teacher(teacher)
