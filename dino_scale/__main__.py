@@ -1,3 +1,3 @@
-from dino_scale.cli import main
+from dino_scale.cli import run
 
-main()
+run()

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import click
 
 from dino_scale.command import Group
-from dino_scale.train.command import train_command
+from dino_scale.train.command import run_leaving_gloo_job, train_command
 
 # The image-size rule of every command that takes a model (dino_scale.models.weights.choose_image_size).
 _SIZE_DEFAULT = (
@@ -68,6 +68,12 @@ def main() -> None:
 
 
 main.add_command(train_command)
+
+
+def run() -> None:
+    """The ``dino-scale`` program: :func:`main`, and a rank of a gloo job started as ``torchrun --no-python dino-scale
+    train`` leaves without the interpreter's teardown, as one of ``python -m dino_scale.train`` does."""
+    run_leaving_gloo_job(main)
 
 
 @main.command("shard")

@@ -96,9 +96,16 @@ def leave_gloo_job(code: int | str | None) -> None:
     os._exit(code if isinstance(code, int) else 0 if code is None else 1)
 
 
-def main() -> None:
+def run_leaving_gloo_job(command: click.Command, prog_name: str | None = None) -> None:
+    """Run a click ``command`` as a program (click ends it with SystemExit, success or not); a rank of a gloo job then
+    leaves through :func:`leave_gloo_job`. The entry point of every launch form: ``python|deepspeed|torchrun -m
+    dino_scale.train`` and the ``dino-scale`` program (``torchrun --no-python dino-scale train``)."""
     try:
-        train_command(prog_name="python -m dino_scale.train")  # click ends with SystemExit, success or not
+        command(prog_name=prog_name)
     except SystemExit as end:
         leave_gloo_job(end.code)
         raise
+
+
+def main() -> None:
+    run_leaving_gloo_job(train_command, "python -m dino_scale.train")

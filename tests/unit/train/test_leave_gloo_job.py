@@ -1,5 +1,5 @@
-"""`python -m dino_scale.train` ends a rank of a gloo (CPU) job without the interpreter's teardown, whose race with
-gloo's threads could abort a rank after a complete run; every other process exits as usual."""
+"""`python -m dino_scale.train` and the `dino-scale` program end a rank of a gloo (CPU) job without the interpreter's
+teardown, whose race with gloo's threads could abort a rank after a complete run; every other process exits as usual."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import logging
 import subprocess
 import sys
 
+import click
 import pytest
 import torch.distributed as dist
 
+from dino_scale import cli
 from dino_scale.train import command
 
 
@@ -53,13 +55,40 @@ def test_a_gloo_rank_leaves_with_the_exit_status_its_logs_flushed(
     assert "Error: a message" in capsys.readouterr().err
 
 
-def test_the_module_entry_point_passes_click_s_exit_status_through() -> None:
+@pytest.mark.parametrize(
+    "program",
+    [["-m", "dino_scale.train"], ["-m", "dino_scale", "train"]],
+    ids=["python -m dino_scale.train", "python -m dino_scale train"],
+)
+def test_the_entry_points_pass_click_s_exit_status_through(program: list[str]) -> None:
     """A bad recipe in a plain process (no group): the one-line error and click's status, unchanged."""
     result = subprocess.run(
-        [sys.executable, "-m", "dino_scale.train", "--config", "no-such-recipe.json"],
+        [sys.executable, *program, "--config", "no-such-recipe.json"],
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert result.returncode not in (0, None)
+    assert result.returncode == 1, result.stderr  # what dino_scale.command gives bad input
     assert "no-such-recipe.json" in result.stderr
+
+
+@pytest.mark.parametrize("status", [0, 75, 2])
+def test_the_dino_scale_program_leaves_a_gloo_job_through_leave_gloo_job(
+    status: int, exits: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`torchrun --no-python dino-scale train`: the console script's entry point (cli.run) ends a gloo rank with the
+    command's status through os._exit, as `python -m dino_scale.train` does."""
+
+    @click.command()
+    def finish() -> None:
+        raise SystemExit(status)
+
+    monkeypatch.setattr(cli, "main", finish)
+    monkeypatch.setattr(sys, "argv", ["dino-scale"])  # not pytest's arguments
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(_Exited):
+            cli.run()
+    finally:
+        dist.destroy_process_group()
+    assert exits == [status]
