@@ -37,7 +37,7 @@ log = logging.getLogger("dino_scale")
 
 
 STOP_REQUESTED = "stop_requested"
-"""The name of the preemption flag among an optimizer step's flags (see Backend.non_finite)."""
+"""The name of the preemption flag among an optimizer step's flags (see Backend.reduce_flags)."""
 
 
 @dataclass(frozen=True)
@@ -71,11 +71,6 @@ class StepResult:
         if self.failure is not None:
             bad.append(self.failure)
         return bad, STOP_REQUESTED in raised
-
-    @property
-    def non_finite(self) -> list[str]:
-        """The quantities that went non-finite (reads the flags: a host sync; the loop reads them in bulk instead)."""
-        return self.verdict()[0]
 
 
 @dataclass(frozen=True)

@@ -170,7 +170,7 @@ def test_non_finite_gradient_skips_the_step_and_leaves_everything() -> None:
     grads["backbone.a.bias"][0] = float("nan")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     result = step(backend, model, grads, freeze=False)["result"]
-    assert not result.applied and result.non_finite == ["gradient_norm"]
+    assert not result.applied and result.verdict()[0] == ["gradient_norm"]
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     # The fused kernel (the default) skips on the device: the state it allocates is a fresh one (zero moments and
     # step count); the for-loop kernel is not even called.
