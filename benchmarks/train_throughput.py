@@ -20,7 +20,9 @@ Variants, each measured two ways (see below):
 Two kinds of figures per setup:
 
 * ``data``: the data path alone, per CPU core (this process, ``torch.set_num_threads(1)``, JPEG bytes in memory,
-  decode included): (a) decode + ``MultiCropAugmentation`` + stacking + ``to_model_input``; (b) decode +
+  decode included): (a) decode as the loader's workers do (``loaders.decode_pixels``) + ``MultiCropAugmentation``
+  (its ``view_kernel``: the recipe's ``data.view_kernel``, by default the fused C kernel) + stacking +
+  ``to_model_input``; (b) that decode +
   ``sample_params`` (what the workers do), then ``render_batch`` and ``to_model_input``'s normalisation for the
   batch, on the CPU (what ``to_model_input`` does with a device-path batch); (c) PIL decode +
   ``BaselineDINOAugmentation`` + stacking. Rounds alternate (a, b, c, a, b, c, ...), each pipeline's figure is the
@@ -603,9 +605,9 @@ def measure_train(setup: Setup, settings: Settings, images_dir: Path, work_dir: 
 
 def data_pipelines(cfg: Any) -> dict[str, Callable[[Sequence[bytes]], None]]:
     """One function per variant that turns a batch of JPEG byte strings into the model's normalised float input."""
-    from dino_scale.data.augment import pil_to_channels_last
-    from dino_scale.data.decode import decode_image
+    from dino_scale.data.augment import image_source
     from dino_scale.data.device_augment import render_batch
+    from dino_scale.data.loaders import decode_pixels
     from dino_scale.train.loop import make_augmentation
 
     ours = make_augmentation(cfg)
@@ -623,15 +625,15 @@ def data_pipelines(cfg: Any) -> dict[str, Callable[[Sequence[bytes]], None]]:
         return torch.Generator().manual_seed(counter[0])  # the loader seeds one generator per sample too
 
     def workers_path(jpegs: Sequence[bytes]) -> None:
-        samples = [ours(decode_image(data), generator()) for data in jpegs]
+        samples = [ours(decode_pixels(data), generator()) for data in jpegs]  # as the loader's workers
         ours.to_model_input(_stack_views(samples), "cpu")
 
     def device_path(jpegs: Sequence[bytes]) -> None:
         images, params = [], []
         for data in jpegs:  # what the workers do with data.augment_on=device
-            image = decode_image(data)
-            params.append(ours.sample_params(image.height, image.width, generator()))
-            images.append(pil_to_channels_last(image)[0].contiguous())
+            src = image_source(decode_pixels(data))
+            params.append(ours.sample_params(*src.shape[-2:], generator()))
+            images.append(src[0].contiguous())
         # What to_model_input does with such a batch: render_batch on the device (here the CPU), then normalise.
         ours.to_model_input(render_batch(images, params, "cpu"), "cpu")
 

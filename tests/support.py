@@ -33,6 +33,14 @@ STUDENT_SHIFT = 0.01  # official_checkpoint's student = teacher + this, so the t
 # --- pictures ---------------------------------------------------------------------------------------------------
 
 
+def as_pil(image: Image.Image | torch.Tensor) -> Image.Image:
+    """A training sample's pixels as the loader hands them to an augmentation (loaders.decode_pixels: a JPEG's as a
+    uint8 [3, H, W] tensor, other formats' as a PIL image), as a PIL image, for the tests' stand-in augmentations."""
+    if isinstance(image, torch.Tensor):
+        return Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
+    return image
+
+
 def photo(width: int = 160, height: int = 120, seed: int = 0) -> Image.Image:
     """A smooth, asymmetric, colourful test picture: a random 4x4 colour grid blown up bicubically + a ramp."""
     rng = np.random.default_rng(seed)

@@ -17,7 +17,8 @@ only draw the parameters (``sample_params``) and ``to_model_input`` renders the 
 (dino_scale.data.device_augment, the recipe's ``data.augment_on``).
 
 How this differs from the reference PIL implementation (official ``DataAugmentationDINO``), and why it is
-~2.5x faster on one core (numbers in ``benchmarks/RESULTS.md``):
+~2.5x faster on one core with torch ops alone, and ~4.5x with the fused C kernel (numbers in
+``benchmarks/RESULTS.md``):
 
 * Crop + resize runs in ``torch.nn.functional.interpolate`` on a channels-last uint8 view of the image,
   which hits PyTorch's vectorised uint8 antialiased-bicubic kernel (written to match PIL's resampling,
@@ -29,6 +30,9 @@ How this differs from the reference PIL implementation (official ``DataAugmentat
   full HSV round trip).
 * Gaussian blur is a true separable Gaussian (radius ceil(3 sigma), reflect padding); the official code
   uses PIL's ``GaussianBlur(radius=sigma)``, a 3-pass box-blur approximation of the same Gaussian.
+* After its crop and resize, a view's per-pixel stage (colour jitter, grayscale, blur, rounding, solarize) runs by
+  default in one call of a fused C kernel (dino_scale.data.fused_view, ``view_kernel``) that computes the torch
+  ops' formulas in a few passes over the crop instead of ~40 tensor ops (within 1 grey level of them).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as tvf
 
 from dino_scale.data.decode import MAX_DCT_REDUCTION, EncodedJpeg, dct_reduced_size
+from dino_scale.data.fused_view import FusedViewKernel, resolve_kernel
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -239,14 +244,23 @@ def _adjust_hue(img: torch.Tensor, hue_factor: float) -> torch.Tensor:
     return torch.addcmul((minc - chroma).unsqueeze(0), chroma6.unsqueeze(0), t)
 
 
+def gaussian_taps(sigma: float, radius: int) -> list[float]:
+    """One side of a 1-D Gaussian kernel, centre first: exp(-t^2 / (2 sigma^2)) for t = 0 .. min(ceil(3 sigma), radius),
+    divided by the sum over both sides (the kernel is truncated at ceil(3 sigma), and at ``radius``, and renormalised).
+    """
+    cut = min(max(1, math.ceil(3.0 * sigma)), radius)
+    side = [math.exp(-0.5 * (t / sigma) ** 2) for t in range(cut + 1)]
+    total = math.fsum([*side, *side[1:]])
+    return [v / total for v in side]
+
+
 def blur_weights(sigmas: Sequence[float], radius: int) -> torch.Tensor:
     """[N, 2 * radius + 1] float32 1-D Gaussian kernels, kernel i truncated at ceil(3 sigma_i), sum 1."""
     rows = []
     for sigma in sigmas:  # a few dozen exp() calls: cheaper in Python than a dozen tiny tensor ops
-        cut = max(1, math.ceil(3.0 * sigma))
-        w = [math.exp(-0.5 * (t / sigma) ** 2) if abs(t) <= cut else 0.0 for t in range(-radius, radius + 1)]
-        total = math.fsum(w)
-        rows.append([v / total for v in w])
+        side = gaussian_taps(sigma, radius)
+        zeros = [0.0] * (radius + 1 - len(side))
+        rows.append([*zeros, *side[:0:-1], *side, *zeros])
     return torch.tensor(rows, dtype=torch.float32)
 
 
@@ -349,12 +363,16 @@ def round_to_uint8(x: torch.Tensor) -> torch.Tensor:
     return x.mul_(255.0).add_(0.5).clamp_(0.0, 255.0).to(torch.int32).to(torch.uint8)
 
 
-def _render_views(src: torch.Tensor, params: Sequence[ViewParams]) -> list[torch.Tensor]:
+def _render_views(
+    src: torch.Tensor, params: Sequence[ViewParams], kernel: FusedViewKernel | None = None
+) -> list[torch.Tensor]:
     """Render views that share one output size from a uint8 [1, 3, H, W] channels-last image.
 
-    Returns uint8 [3, size, size] tensors (views of one [N, 3, size, size] batch). Colour ops run per crop
-    (each crop has its own op order); float conversion, blur (batched matmuls for small crops) and
-    rounding run once over the crops, which saves many small-tensor op dispatches for the local crops.
+    Returns uint8 [3, size, size] tensors (views of one [N, 3, size, size] batch). After the crops and resizes, the
+    per-pixel stage (colour jitter, grayscale, blur, rounding, solarize) runs in ``kernel``, the fused C kernel, one
+    call per view; without it in torch ops: colour ops per crop (each crop has its own op order); float conversion,
+    blur (batched matmuls for small crops) and rounding once over the crops, which saves many small-tensor op
+    dispatches for the local crops.
     """
     size = params[0].size
     crops = []
@@ -366,6 +384,13 @@ def _render_views(src: torch.Tensor, params: Sequence[ViewParams]) -> list[torch
         out = tnf.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)
         crops.append(out.flip(-1) if p.flip else out)
     batch = torch.cat(crops).contiguous() if len(crops) > 1 else crops[0].contiguous()
+    if kernel is not None:
+        radius = min(MAX_BLUR_RADIUS, size - 1)  # as _gaussian_blur's: reflect padding needs radius < size
+        views = list(batch.unbind(0))
+        for v, p in zip(views, params, strict=True):
+            taps = gaussian_taps(p.blur_sigma, radius) if p.blur_sigma is not None else ()
+            kernel.render(v, p.jitter or (), p.grayscale, taps, p.solarize)
+        return views
 
     rows = [i for i, p in enumerate(params) if p.jitter is not None or p.grayscale or p.blur_sigma is not None]
     if rows:
@@ -411,6 +436,19 @@ def pil_to_channels_last(image: PIL.Image.Image) -> torch.Tensor:
     return hwc.permute(2, 0, 1).unsqueeze(0)
 
 
+def image_source(image: PIL.Image.Image | torch.Tensor) -> torch.Tensor:
+    """What the views are cut from: uint8 ``[1, 3, H, W]``, from an RGB PIL image (channels-last memory,
+    :func:`pil_to_channels_last`) or a uint8 ``[3, H, W]`` or ``[1, 3, H, W]`` tensor as it is (each crop is packed
+    channels-last before its resize, from either layout at the same cost)."""
+    if isinstance(image, PIL.Image.Image):
+        return pil_to_channels_last(image)
+    src = image if image.ndim == 4 else image.unsqueeze(0)
+    if src.dtype != torch.uint8 or src.shape[:2] != (1, 3) or src.device.type != "cpu":
+        got = f"{image.dtype} {tuple(image.shape)} on {image.device}"
+        raise ValueError(f"expected uint8 [3, H, W] CPU pixels, got {got}")
+    return src
+
+
 class MultiCropAugmentation:
     """DINO multi-crop augmentation: 2 global + ``n_local`` local views per image.
 
@@ -422,6 +460,10 @@ class MultiCropAugmentation:
     Randomness: every random decision is drawn from the ``generator`` passed to ``__call__`` (a fixed
     number of draws per view), so the same image with a generator in the same state gives bit-identical
     crops. The global torch / numpy / python RNGs are never touched.
+
+    ``view_kernel`` (recipe key ``data.view_kernel``): what renders each view's per-pixel stage after its crop and
+    resize, dino_scale.data.fused_view's C kernel ("c"), torch ops ("torch"), or the C kernel where it builds ("auto",
+    else torch with a warning). Resolved here, in the constructing process: ``view_kernel`` then says which it is.
     """
 
     def __init__(
@@ -433,6 +475,7 @@ class MultiCropAugmentation:
         local_scale: tuple[float, float] = (0.05, 0.4),
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        view_kernel: str = "auto",
     ) -> None:
         if n_local < 0:
             raise ValueError(f"n_local must be >= 0, got {n_local}")
@@ -452,12 +495,20 @@ class MultiCropAugmentation:
             *[_ViewSpec(local_size, tuple(local_scale), blur_p=0.5, solarize_p=0.0)] * n_local,
         )
         self._affine: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # normalisation, per device
+        self._kernel = resolve_kernel(view_kernel)
+        self.view_kernel = "torch" if self._kernel is None else "c"
 
     def __getstate__(self) -> dict:
-        # Drop the per-device constants (may hold CUDA tensors) when sent to DataLoader worker processes.
+        # Drop the per-device constants (may hold CUDA tensors) and the loaded C library (not picklable) when sent to
+        # DataLoader worker processes; the library is loaded again from its cache there.
         state = self.__dict__.copy()
         state["_affine"] = {}
+        state["_kernel"] = None
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._kernel = resolve_kernel(self.view_kernel)
 
     @property
     def n_views(self) -> int:
@@ -475,24 +526,27 @@ class MultiCropAugmentation:
             for k, spec in enumerate(self._specs)
         ]
 
-    def apply(self, image: PIL.Image.Image, params: Sequence[ViewParams]) -> list[torch.Tensor]:
-        """Render the views described by ``params`` from ``image``; deterministic. Returns uint8 CHW."""
-        src = pil_to_channels_last(image)
+    def apply(self, image: PIL.Image.Image | torch.Tensor, params: Sequence[ViewParams]) -> list[torch.Tensor]:
+        """Render the views described by ``params`` from ``image`` (an RGB PIL image, or its pixels as a uint8
+        ``[3, H, W]`` CPU tensor); deterministic. Returns uint8 CHW."""
+        src = image_source(image)
         by_size: dict[int, list[int]] = {}
         for k, p in enumerate(params):
             by_size.setdefault(p.size, []).append(k)
         out: list[torch.Tensor] = [torch.empty(0)] * len(params)
         for idx in by_size.values():
-            for k, view in zip(idx, _render_views(src, [params[k] for k in idx]), strict=True):
+            for k, view in zip(idx, _render_views(src, [params[k] for k in idx], self._kernel), strict=True):
                 out[k] = view
         return out
 
-    def __call__(self, image: PIL.Image.Image, generator: torch.Generator) -> list[torch.Tensor]:
-        """Per-sample CPU stage: ``2 + n_local`` uint8 [3, S, S] tensors (globals first).
+    def __call__(self, image: PIL.Image.Image | torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+        """Per-sample CPU stage: ``2 + n_local`` uint8 [3, S, S] tensors (globals first), from an RGB PIL image or
+        its pixels as a uint8 ``[3, H, W]`` tensor (the same pixels give the same views).
 
         All randomness comes from ``generator``; same image + same generator state -> identical crops.
         """
-        return self.apply(image, self.sample_params(image.height, image.width, generator))
+        src = image_source(image)
+        return self.apply(src, self.sample_params(src.shape[-2], src.shape[-1], generator))
 
     def to_model_input(
         self, views: Sequence[torch.Tensor] | RenderableBatch, device: torch.device | str = "cpu"

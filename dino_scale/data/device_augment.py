@@ -103,21 +103,30 @@ def decode_jpegs(
     device = torch.device(device)
     shipped = [(i, enc) for i, enc in enumerate(encoded) if enc is not None]
     out = list(images)
-    for (i, enc), image in zip(shipped, _device_decode([enc for _, enc in shipped], device), strict=True):
+    for (i, enc), image in zip(shipped, decode_upright([enc for _, enc in shipped], device), strict=True):
         if image is not None:
-            image = _orient(image, enc.orientation)
-            if tuple(image.shape) == (3, enc.height, enc.width):
-                out[i] = image
-                continue
+            out[i] = image
+            continue
         logger.warning(
-            "sample %s: decoding the JPEG on %s gave %s, its views were drawn for %dx%d; decoding it with PIL",
-            keys[i], device, "an error" if image is None else f"shape {tuple(image.shape)}", enc.height, enc.width,
+            "sample %s: decoding the JPEG on %s failed or gave another size than %dx%d, which its views were drawn "
+            "for; decoding it with PIL", keys[i], device, enc.height, enc.width,
         )  # fmt: skip
         out[i] = _host_decode(enc, keys[i], device)
     missing = [key for key, image in zip(keys, out, strict=True) if image is None]
     if missing:
         raise ValueError(f"samples with neither a decoded image nor encoded bytes: {missing}")
     return [image for image in out if image is not None]  # all of them
+
+
+def decode_upright(encoded: Sequence[EncodedJpeg], device: torch.device) -> list[torch.Tensor | None]:
+    """The JPEGs decoded on ``device`` (one batched ``decode_jpeg`` call), each with its EXIF orientation applied:
+    uint8 ``[3, H, W]``, or None where the decoder refused it or it came out at another size than its ``height`` x
+    ``width`` (the upright size its views were drawn for)."""
+    out: list[torch.Tensor | None] = []
+    for enc, image in zip(encoded, _device_decode(encoded, device), strict=True):
+        upright = None if image is None else _orient(image, enc.orientation)
+        out.append(upright if upright is not None and tuple(upright.shape) == (3, enc.height, enc.width) else None)
+    return out
 
 
 def _device_decode(encoded: Sequence[EncodedJpeg], device: torch.device) -> list[torch.Tensor | None]:

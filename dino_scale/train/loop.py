@@ -60,6 +60,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     backend = make_backend(cfg)
     setup_logging(backend.is_main_process())
     log_changes(changes)
+    augmentation = make_augmentation(cfg)  # with data.view_kernel=c, an unbuildable kernel stops the run here
     if overwrite and backend.is_main_process():
         clear_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -68,7 +69,6 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     loss_fn = DINOLoss(cfg.model.out_dim, 2, cfg.dino.student_temp, cfg.dino.center_momentum, backend.sum_over_ranks)
     loss_fn.to(backend.device)
     schedules = build_schedules(cfg, plan.steps_per_epoch, plan.global_batch)
-    augmentation = make_augmentation(cfg)
     state = TrainState(cfg, backend, teacher, loss_fn, plan)
     if not (resume and state.resume(run_dir)):
         # The teacher starts as an exact copy of the student as the backend holds it: with DeepSpeed's bf16 mode
@@ -254,6 +254,7 @@ def make_augmentation(cfg: TrainConfig) -> MultiCropAugmentation:
         n_local=cfg.data.local_crops_number,
         global_scale=tuple(cfg.data.global_crops_scale),
         local_scale=tuple(cfg.data.local_crops_scale),
+        view_kernel=cfg.data.view_kernel,
     )
 
 

@@ -312,3 +312,14 @@ def test_pickles_for_worker_processes() -> None:
     assert clone._affine == {}
     img = gradient_photo()
     assert all(torch.equal(a, b) for a, b in zip(aug(img, _gen(3)), clone(img, _gen(3)), strict=True))
+
+
+def test_pixels_as_a_tensor_give_the_views_of_the_pil_image() -> None:
+    aug, image = _aug(), gradient_photo(seed=4)
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # CHW, as torchvision decodes a JPEG
+    from_pil = aug(image, torch.Generator().manual_seed(9))
+    from_tensor = aug(pixels, torch.Generator().manual_seed(9))
+    assert all(torch.equal(a, b) for a, b in zip(from_pil, from_tensor, strict=True))
+    for bad in (pixels.float(), pixels[:1], pixels.unsqueeze(0).expand(2, -1, -1, -1)):
+        with pytest.raises(ValueError, match=r"uint8 \[3, H, W\] CPU pixels"):
+            aug(bad, torch.Generator())

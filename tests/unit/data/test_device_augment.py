@@ -41,7 +41,7 @@ def _batches(aug: MultiCropAugmentation) -> list[tuple[list, list[list[ViewParam
 
 @pytest.fixture(scope="module")
 def pixel_case() -> tuple[MultiCropAugmentation, list[tuple[list, list[list[ViewParams]]]]]:
-    aug = MultiCropAugmentation(global_size=G, local_size=L, n_local=N_LOCAL)
+    aug = MultiCropAugmentation(global_size=G, local_size=L, n_local=N_LOCAL, view_kernel="torch")
     return aug, _batches(aug)
 
 

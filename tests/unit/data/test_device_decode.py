@@ -19,7 +19,8 @@ from support import striped_photo
 from dino_scale.data.augment import MultiCropAugmentation
 from dino_scale.data.decode import EncodedJpeg, decode_image, decodes_on_device, read_jpeg_header
 from dino_scale.data.device_augment import decode_jpegs
-from dino_scale.data.loaders import TrainBatch, make_train_loader
+from dino_scale.data.loaders import TrainBatch, decode_pixels, make_train_loader
+from dino_scale.data.shards import sample_image_bytes
 from dino_scale.errors import InputError
 
 AUG = MultiCropAugmentation(global_size=64, local_size=32, n_local=2)
@@ -126,6 +127,42 @@ def test_resume_gives_the_uninterrupted_batches(shard: str, num_workers: int) ->
         )
     for a, b in zip(AUG.to_model_input(resumed), AUG.to_model_input(whole[1]), strict=True):
         assert torch.equal(a, b)
+
+
+def test_the_workers_decode_jpegs_with_torchvision_to_pils_pixels(shard: str) -> None:
+    # loaders.decode_pixels, what the workers decode every sample with (both render paths, no decode option).
+    samples = {s["__key__"]: s for s in wds.WebDataset(shard, shardshuffle=False)}
+    for key, sample in samples.items():
+        data = sample_image_bytes(sample)
+        if key in SKIPPED:
+            with pytest.raises(InputError):
+                decode_pixels(data)
+            continue
+        pixels, reference = decode_pixels(data), decode_image(data)
+        if key in SHIPPED:  # torchvision's decode, EXIF orientation applied
+            assert isinstance(pixels, torch.Tensor) and pixels.dtype == torch.uint8
+            assert torch.equal(pixels, torch.from_numpy(np.array(reference)).permute(2, 0, 1)), key  # measured: equal
+        else:
+            assert key in IN_WORKERS and isinstance(pixels, Image.Image) and pixels.tobytes() == reference.tobytes()
+    assert set(samples) == SHIPPED | IN_WORKERS | SKIPPED
+    # The views are those of PIL's image: the augmentation takes either.
+    data = sample_image_bytes(samples["rot6"])
+    params = AUG.sample_params(640, 480, torch.Generator().manual_seed(0))
+    from_tensor, from_pil = AUG.apply(decode_pixels(data), params), AUG.apply(decode_image(data), params)
+    assert all(torch.equal(a, b) for a, b in zip(from_tensor, from_pil, strict=True))
+
+
+def test_a_jpeg_torchvision_refuses_is_decoded_by_pil_in_the_workers(monkeypatch, caplog) -> None:
+    data = jpeg(striped_photo(64, 48, 0, periods=FINE))
+
+    def refuse(*args: object, **kwargs: object) -> list[torch.Tensor]:
+        raise RuntimeError("no")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", refuse)
+    with caplog.at_level(logging.WARNING):
+        pixels = decode_pixels(data)
+    assert isinstance(pixels, Image.Image) and pixels.tobytes() == decode_image(data).tobytes()
+    assert caplog.records == []  # PIL decides, as it did for every file before; a file it refuses is skipped
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))

@@ -20,7 +20,7 @@ from dino_scale.data.loaders import TrainBatch, make_train_loader, renders_on_de
 from dino_scale.train.loop import train
 
 URLS = sorted(glob.glob(f"{SAMPLE_TRAIN}/*.tar"))
-AUG = MultiCropAugmentation(global_size=32, local_size=16, n_local=2)
+AUG = MultiCropAugmentation(global_size=32, local_size=16, n_local=2, view_kernel="torch")  # the device path's twin
 STEPS = 4
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support import as_pil
 
 from dino_scale.data import folders
 from dino_scale.data.folders import (
@@ -31,8 +32,8 @@ GROUP = 5  # files per group in these tests: the 31 images of `tree` make 7 grou
 class TinyCrops:
     """Stand-in for MultiCropAugmentation: two random 6x6 uint8 crops of the image resized to 10x10."""
 
-    def __call__(self, image: Image.Image, generator: torch.Generator) -> list[torch.Tensor]:
-        x = torch.from_numpy(np.array(image.resize((10, 10)))).permute(2, 0, 1)
+    def __call__(self, image: Image.Image | torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+        x = torch.from_numpy(np.array(as_pil(image).resize((10, 10)))).permute(2, 0, 1)
         views = []
         for _ in range(2):
             i, j = torch.randint(0, 5, (2,), generator=generator).tolist()

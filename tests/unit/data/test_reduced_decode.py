@@ -19,7 +19,8 @@ from dino_scale.data.decode import dct_reduced_size, decode_image, read_jpeg_hea
 from dino_scale.data.loaders import TrainBatch, make_train_loader
 from dino_scale.errors import InputError
 
-AUG = MultiCropAugmentation(global_size=224, local_size=96, n_local=2)  # DINO's sizes: the reductions they allow
+# DINO's sizes: the reductions they allow. Torch view kernel: the device path's bit-for-bit twin on CPU.
+AUG = MultiCropAugmentation(global_size=224, local_size=96, n_local=2, view_kernel="torch")
 BATCH, STEPS = 4, 2
 # Upright (width, height) of each picture; "rot6" is stored 1200x900 with EXIF orientation 6 (rotate 90 clockwise).
 UPRIGHT = {"big": (1600, 1200), "small": (400, 300), "rot6": (900, 1200), "png": (500, 400)}

@@ -15,7 +15,7 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
-from support import REPO
+from support import REPO, as_pil
 
 from dino_scale.data import loaders, shards
 from dino_scale.data.decode import decode_image
@@ -34,8 +34,8 @@ class TinyMultiCrop:
 
     n_local = 2
 
-    def __call__(self, image: Image.Image, generator: torch.Generator) -> list[torch.Tensor]:
-        x = torch.from_numpy(np.array(image.resize((12, 12)))).permute(2, 0, 1)
+    def __call__(self, image: Image.Image | torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+        x = torch.from_numpy(np.array(as_pil(image).resize((12, 12)))).permute(2, 0, 1)
         views = []
         for size in (8, 8, 4, 4):
             i, j = torch.randint(0, 12 - size + 1, (2,), generator=generator).tolist()
