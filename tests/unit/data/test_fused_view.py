@@ -5,6 +5,7 @@ and the torch ops for "auto"."""
 
 from __future__ import annotations
 
+import glob
 import logging
 import pickle
 from collections import Counter
@@ -16,11 +17,12 @@ import PIL.Image
 import pytest
 import torch
 from pydantic import ValidationError
-from support import photo
+from support import SAMPLE_TRAIN, photo
 
 from dino_scale.config import DataConfig, config_changes
 from dino_scale.data import fused_view
 from dino_scale.data.augment import MultiCropAugmentation, ViewParams, gaussian_taps
+from dino_scale.data.loaders import make_train_loader
 from dino_scale.errors import Unavailable
 
 TORCH = MultiCropAugmentation(global_size=160, local_size=32, n_local=4, view_kernel="torch")
@@ -146,6 +148,26 @@ def test_the_augmentation_takes_its_kernel_to_worker_processes() -> None:
     there, here = copy.apply(picture, params), FUSED.apply(picture, params)
     assert all(torch.equal(a, b) for a, b in zip(there, here, strict=True))
     assert pickle.loads(pickle.dumps(TORCH))._kernel is None
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_the_loader_renders_with_the_kernel_and_resumes_exactly(num_workers: int) -> None:
+    # In a DataLoader worker process too; the views are those of the torch ops to within the kernel's rounding.
+    urls = sorted(glob.glob(f"{SAMPLE_TRAIN}/*.tar"))
+
+    def views(aug: MultiCropAugmentation, start_batch: int = 0) -> list[list[torch.Tensor]]:
+        loader = make_train_loader(
+            urls, aug, 4, 3, epoch=0, seed=5, start_batch=start_batch, num_workers=num_workers, shuffle_buffer=8
+        )
+        return [batch.views for batch in loader]
+
+    small = {"global_size": 32, "local_size": 16, "n_local": 2}
+    fused, torch_ops = views(MultiCropAugmentation(**small)), views(MultiCropAugmentation(**small, view_kernel="torch"))
+    assert len(fused) == 3
+    d = np.concatenate([difference(a, b) for a, b in zip(fused, torch_ops, strict=True)])
+    assert d.max() <= 1 and (d > 0).mean() < 1e-3
+    resumed = views(MultiCropAugmentation(**small), start_batch=1)
+    assert all(torch.equal(a, b) for x, y in zip(resumed, fused[1:], strict=True) for a, b in zip(x, y, strict=True))
 
 
 @pytest.fixture
