@@ -2,15 +2,16 @@
 
 ``augment._render_views`` crops and resizes each view with torch, then runs colour jitter, grayscale, Gaussian blur,
 the rounding to uint8 and solarize. In torch that is ~40 tensor ops per view, each a pass over the crop plus a
-dispatch: ~3.9 ms of the ~4.9 ms that one core spends on an image at 224 / 96 px (2 + 8 crops). The C kernel computes
-the same formulas in a few vectorised passes per view: the views take ~1.5 ms, and the data path (decode included)
-~4x and more the official PIL pipeline's speed per core instead of ~2.4x (benchmarks/RESULTS.md). It agrees with the
-torch path to within 1 grey level (on ~1e-5 of the values: a float32 mean and a BLAS blur sum in another order).
+dispatch: with them the ten views of an image at 224 / 96 px (2 + 8 crops) take ~3.9 ms on one core, crops and
+resizes included. The C kernel computes the same formulas in a few vectorised passes per view: the views take
+~1.5 ms, and the data path (decode included) runs at 4.5-5x the official PIL pipeline's speed per core instead of
+~2.6x (benchmarks/RESULTS.md). It agrees with the torch path to within 1 grey level (on ~1e-5 of the values: a
+float32 mean and a BLAS blur sum in another order).
 
 Why by hand: no library fuses these ops on a CPU. torch.compile fuses the hue (6x) but not the blur, and pays ~13 us
 per call (2.5-2.7x in all, measured in benchmarks/augment_compile_probe.py); OpenCV has per-op kernels (hue 0.39 ms at
 224 px against 0.04 ms here). Why ctypes and not ``torch.utils.cpp_extension``: the kernel takes raw pointers, so it
-needs no torch headers, and builds in ~0.3 s instead of the ~1 min that compiling against torch/extension.h takes.
+needs no torch headers, and builds in ~0.3 s (a file that only includes torch/extension.h took 19 s to compile here).
 
 The build uses ``$CC`` (default ``cc``) with ``-march=native`` (the library is cached per CPU model and instruction
 set), ``-ffp-contract=off`` and no fast-math, so every float32 operation is rounded as IEEE demands and the output is
