@@ -333,17 +333,16 @@ class _TrainStream(IterableDataset):
         None, the parameters of its views, its encoded JPEG or None), drawn from the sample's generator (in
         ``_load`` when the parameters came from the header)."""
         image, params = loaded.image, loaded.params
-        if params is None:  # drawn from the decoded image, as without the decode options
-            assert image is not None  # shipped JPEGs have their parameters
-            generator = self._generator_for(key, pass_idx, fill)
-            if not self.render_on_device:
-                return self.augmentation(image, generator)
-            params = self.augmentation.sample_params(*image_source(image).shape[-2:], generator)
-        elif not self.render_on_device:
+        if not self.render_on_device:
             assert image is not None  # only the device path ships JPEGs undecoded
+            if params is None:  # drawn from the decoded image, as without the decode options
+                return self.augmentation(image, self._generator_for(key, pass_idx, fill))
             return self.augmentation.apply(image, params)
         # The CHW pixels the per-sample path renders from, made contiguous: sent to the main process.
         pixels = None if image is None else image_source(image)[0].contiguous()
+        if params is None:  # drawn from the decoded image, as without the decode options
+            assert pixels is not None  # shipped JPEGs have their parameters
+            params = self.augmentation.sample_params(*pixels.shape[-2:], self._generator_for(key, pass_idx, fill))
         return pixels, params, loaded.encoded
 
     def _batch(self, stream: Iterator[tuple[dict[str, Any], int]]) -> TrainBatch:
