@@ -119,6 +119,10 @@ class ModelConfig(_Strict):
         return kwargs
 
 
+ViewKernel = Literal["auto", "c", "torch"]
+"""data.view_kernel's values (dino_scale.data.fused_view reads them from here)."""
+
+
 class DataConfig(_Strict):
     train_shards: str | None = "shards/sample/train"
     """WebDataset shards: a directory, a glob or a brace pattern (`data/train-{000000..000127}.tar`); null when the run
@@ -148,7 +152,7 @@ class DataConfig(_Strict):
     Bit-identical views on CPU with data.view_kernel="torch" (within 1 grey level of the C kernel); on a GPU the
     crops are resized in float32 (1 grey level off on ~0.4% of the pixels), so this is a hyperparameter, not run
     control."""
-    view_kernel: Literal["auto", "c", "torch"] = "auto"
+    view_kernel: ViewKernel = "auto"
     """What renders a view's per-pixel stage in the workers after its crop and resize (colour jitter, grayscale, blur,
     the rounding to uint8, solarize): "c", a fused C kernel (dino_scale/data/fused_view.c, built at first use with the
     system C compiler, $CC or cc, and cached; an error before any work starts if it cannot be built); "torch", torch

@@ -78,7 +78,7 @@ _U_SOLARIZE = _U_BLUR + 2
 _DRAWS_PER_VIEW = _U_SOLARIZE + 1
 
 # Colour-op ids, in ColorJitter's order, and their factor ranges. The op ids, HUE_CHANNEL_OFFSETS, blur_weights,
-# reflect_shift_matrices, MAX_BLUR_RADIUS and MATMUL_BLUR_MAX_SIZE are public for device_augment.py's batched renderer,
+# reflect_shift_matrices, blur_radius and MATMUL_BLUR_MAX_SIZE are public for device_augment.py's batched renderer,
 # which must compute exactly what this module computes.
 BRIGHT, CONTR, SAT, HUE_OP = 0, 1, 2, 3
 _JITTER_RANGES = (
@@ -284,6 +284,13 @@ def reflect_shift_matrices(size: int, radius: int) -> torch.Tensor:
 
 # Largest kernel radius: ceil(3 * max sigma).
 MAX_BLUR_RADIUS = math.ceil(3 * _BLUR_SIGMA[1])
+
+
+def blur_radius(size: int) -> int:
+    """The kernel radius that covers every sigma for crops of ``size`` px: reflect padding needs radius < size."""
+    return min(MAX_BLUR_RADIUS, size - 1)
+
+
 # Up to this side length the blur is done as two dense matrix products (few large ops, ~2x faster than
 # shifted adds for 96 px crops); above it the O(size^3) matmul loses to O(size^2 * taps) shifted adds.
 MATMUL_BLUR_MAX_SIZE = 128
@@ -302,7 +309,7 @@ def _gaussian_blur(img: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
         raise ValueError(f"square crops expected, got {size}x{width}")
     if any(not 0 < s <= _BLUR_SIGMA[1] for s in sigmas):
         raise ValueError(f"sigma must be in (0, {_BLUR_SIGMA[1]}], got {sigmas}")
-    radius = min(MAX_BLUR_RADIUS, size - 1)  # reflect padding needs radius < size
+    radius = blur_radius(size)
     weights = blur_weights(sigmas, radius)
     if size <= MATMUL_BLUR_MAX_SIZE:
         mat = (weights @ reflect_shift_matrices(size, radius)).view(n, 1, size, size)
@@ -385,7 +392,7 @@ def _render_views(
         crops.append(out.flip(-1) if p.flip else out)
     batch = torch.cat(crops).contiguous() if len(crops) > 1 else crops[0].contiguous()
     if kernel is not None:
-        radius = min(MAX_BLUR_RADIUS, size - 1)  # as _gaussian_blur's: reflect padding needs radius < size
+        radius = blur_radius(size)
         views = list(batch.unbind(0))
         for v, p in zip(views, params, strict=True):
             taps = gaussian_taps(p.blur_sigma, radius) if p.blur_sigma is not None else ()

@@ -66,9 +66,9 @@ from dino_scale.data.augment import (
     CONTR,
     HUE_CHANNEL_OFFSETS,
     MATMUL_BLUR_MAX_SIZE,
-    MAX_BLUR_RADIUS,
     SAT,
     ViewParams,
+    blur_radius,
     blur_weights,
     blur_where,
     pil_to_channels_last,
@@ -385,7 +385,7 @@ def _blur(img: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
     n, _, size, width = img.shape
     if size != width:
         raise ValueError(f"square crops expected, got {size}x{width}")
-    radius = min(MAX_BLUR_RADIUS, size - 1)  # reflect padding needs radius < size
+    radius = blur_radius(size)
     weights_cpu = blur_weights(sigmas, radius)
     weights = weights_cpu.to(img.device, non_blocking=True)
     if size <= MATMUL_BLUR_MAX_SIZE:

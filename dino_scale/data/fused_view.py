@@ -34,9 +34,11 @@ import shlex
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+from typing import get_args
 
 import torch
 
+from dino_scale.config import ViewKernel
 from dino_scale.errors import Unavailable
 from dino_scale.io import atomic_write
 
@@ -45,7 +47,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("fused_view.c")
 # data.view_kernel: "auto" = the C kernel where it builds, else the torch ops with a warning; "c" = the C kernel or an
 # error before any work starts; "torch" = the torch ops (bit-identical to the batched device path on CPU).
-KERNEL_CHOICES = ("auto", "c", "torch")
+KERNEL_CHOICES: tuple[str, ...] = get_args(ViewKernel)
 _FLAGS = ("-O3", "-ffp-contract=off", "-fno-trapping-math", "-fPIC", "-shared")
 # Tried in order: the host's vector units first; a compiler that refuses -march=native still builds portable code.
 _ARCH_FLAGS: tuple[tuple[str, ...], ...] = (("-march=native",), ())
